@@ -1,0 +1,377 @@
+"""Property tests for ldvi_meta.py: exactness of the kernels, reduction to mean-field VI,
+bounds on a conjugate model, the batched BNN against loops, the encoder's symmetries,
+seeding and input validation. Exactness is checked in float64."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import ldvi_meta as lm
+from ldvi_meta import KERNELS, Batch, LDVIConfig, LDVIMeta
+
+F64 = torch.float64
+FAST = settings(max_examples=15, deadline=None)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def schedule(K, g, h_scale=1.0, zero_steps=False):
+    """Random steps, refresh factors and a random monotone schedule ending at 1."""
+    steps = torch.zeros(K, dtype=F64) if zero_steps else h_scale * (0.05 + torch.rand(K, generator=g, dtype=F64))
+    refresh = 0.99 * torch.rand(K, generator=g, dtype=F64)
+    betas = torch.rand(K, generator=g, dtype=F64).sort().values.clamp(min=1e-3)
+    if K:
+        betas[-1] = 1.0
+    return steps, refresh, betas
+
+
+def sinusoid_batch(T, N, g, dtype=torch.float32):
+    x = 10 * torch.rand(T, N, 1, generator=g, dtype=dtype) - 5
+    amp = 0.1 + 4.9 * torch.rand(T, 1, 1, generator=g, dtype=dtype)
+    phase = math.pi * torch.rand(T, 1, 1, generator=g, dtype=dtype)
+    y = amp * torch.sin(x + phase) + 0.25 * torch.randn(T, N, 1, generator=g, dtype=dtype)
+    return lm.make_batch(x, y)
+
+
+def small_model(g, **kw):
+    cfg = dict(hidden=(8, 8), enc_hidden=16, enc_dim=8, K=3, particles=4, tasks_per_batch=4, log_every=0)
+    cfg.update(kw)
+    return LDVIMeta(LDVIConfig(**cfg), g)
+
+
+# -----------------------------------------------------------------------------
+# exactness on Gaussian targets: gamma = Z * q0  =>  log w == log Z for every particle
+
+@FAST
+@given(kernel=st.sampled_from(KERNELS), T=st.integers(1, 3), P=st.integers(1, 5), D=st.integers(1, 12),
+       K=st.integers(0, 8), seed=st.integers(0, 10_000), h_scale=st.floats(0.01, 3.0))
+def test_gaussian_target_exactness(kernel, T, P, D, K, seed, h_scale):
+    g = gen(seed)
+    m = torch.randn(T, D, generator=g, dtype=F64)
+    log_s = 0.5 * torch.randn(T, D, generator=g, dtype=F64)
+    log_Z = 3 * torch.randn(T, 1, generator=g, dtype=F64)
+    target = lm.autograd_target(lambda th: log_Z + lm.diag_normal_logpdf(th, m.unsqueeze(1), log_s.unsqueeze(1)))
+    u0 = torch.randn(T, P, D, generator=g, dtype=F64)
+    steps, refresh, betas = schedule(K, g, h_scale)
+    theta, log_w = lm.diffusion(target, m, log_s, u0, steps, refresh, betas, g, kernel)
+    assert theta.shape == (T, P, D)
+    assert torch.allclose(log_w, log_Z.expand(T, P), atol=1e-8, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# reduction to mean-field VI (independent few-line reference)
+
+def mean_field_reference(log_gamma, m, log_s, u0):
+    theta0 = m.unsqueeze(1) + torch.exp(log_s).unsqueeze(1) * u0
+    log_q0 = torch.distributions.Normal(m.unsqueeze(1), torch.exp(log_s).unsqueeze(1)).log_prob(theta0).sum(-1)
+    return theta0, log_gamma(theta0) - log_q0
+
+
+def banana(th):
+    """A non-Gaussian 2-d target (banana), repeated over the other coordinates."""
+    a, b = th[..., 0], th[..., 1]
+    return -0.5 * a ** 2 - 0.5 * ((b - a ** 2) / 0.5) ** 2 - 0.5 * (th[..., 2:] ** 2).sum(-1)
+
+
+@FAST
+@given(kernel=st.sampled_from(KERNELS), K=st.integers(0, 6), seed=st.integers(0, 10_000))
+def test_reduction_to_mean_field(kernel, K, seed):
+    g = gen(seed)
+    T, P, D = 2, 4, 3
+    m, log_s = torch.randn(T, D, generator=g, dtype=F64), 0.3 * torch.randn(T, D, generator=g, dtype=F64)
+    u0 = torch.randn(T, P, D, generator=g, dtype=F64)
+    if kernel == "overdamped":
+        K = 0  # the overdamped kernel reduces at K = 0 only
+    steps, refresh, betas = schedule(K, g, zero_steps=True)  # h = 0: underdamped stays put at any K
+    theta, log_w = lm.diffusion(lm.autograd_target(banana), m, log_s, u0, steps, refresh, betas, g, kernel)
+    theta_ref, log_w_ref = mean_field_reference(banana, m, log_s, u0)
+    assert torch.allclose(theta, theta_ref, atol=1e-12)
+    assert torch.allclose(log_w, log_w_ref, atol=1e-10)
+
+
+def test_model_with_K0_is_mean_field_vi():
+    model = small_model(gen(0), K=0).double()
+    with torch.no_grad():  # move q0 away from the prior so the test is not trivial
+        for p in model.encoder.head[-1].parameters():
+            p.normal_(0, 0.1, generator=gen(5))
+    data = sinusoid_batch(3, 5, gen(1), F64)
+    _, log_w = model.sample(data, 6, gen(2))
+    m, log_s = model.q0(data)
+    u0 = torch.randn(3, 6, model.bnn.n_params, generator=gen(2), dtype=F64)  # the sampler's first draw
+    _, ref = mean_field_reference(lambda th: model.log_joint(th, data), m, log_s, u0)
+    assert torch.allclose(log_w, ref, atol=1e-9)
+
+
+def test_analytic_bnn_gradient_matches_autograd():
+    g = gen(3)
+    bnn = lm.BNN(2, 3, (7, 5))
+    data = lm.make_batch(torch.randn(2, 6, 2, dtype=F64, generator=g), torch.randn(2, 6, 3, dtype=F64, generator=g),
+                         torch.rand(2, 6, generator=g) > 0.3)
+    theta = torch.randn(2, 4, bnn.n_params, dtype=F64, generator=g)
+    sigma = torch.tensor(0.7, dtype=F64)
+    ll, grad = bnn.loglik_and_grad(theta, data, sigma)
+    ref_ll, ref_grad = lm.autograd_target(lambda th: lm.gaussian_loglik(bnn(th, data.x), data.y, data.mask, sigma))(theta)
+    assert torch.allclose(ll, ref_ll, atol=1e-10) and torch.allclose(grad, ref_grad, atol=1e-10)
+    # and its derivative (what meta-training differentiates) matches double backprop
+    v = torch.randn(theta.shape, dtype=F64, generator=g)
+    th = theta.clone().requires_grad_(True)
+    d_analytic, = torch.autograd.grad((bnn.loglik_and_grad(th, data, sigma)[1] * v).sum(), th)
+    with torch.enable_grad():
+        _, gr = lm.autograd_target(lambda t: lm.gaussian_loglik(bnn(t, data.x), data.y, data.mask, sigma))(th)
+    d_autograd, = torch.autograd.grad((gr * v).sum(), th)
+    assert torch.allclose(d_analytic, d_autograd, atol=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# bounds on Bayesian linear regression (closed-form log Z)
+
+def blr_problem(g, N, D, sigma_y):
+    x = torch.rand(N, generator=g, dtype=F64) * 4 - 2
+    phi = torch.stack([x ** k for k in range(D)], -1)                      # [N, D]
+    mu0, s0 = torch.randn(D, generator=g, dtype=F64), 0.5 + torch.rand(D, generator=g, dtype=F64)
+    y = phi @ (mu0 + s0 * torch.randn(D, generator=g, dtype=F64)) + sigma_y * torch.randn(N, generator=g, dtype=F64)
+    cov = phi @ torch.diag(s0 ** 2) @ phi.T + sigma_y ** 2 * torch.eye(N, dtype=F64)
+    log_Z = torch.distributions.MultivariateNormal(phi @ mu0, cov).log_prob(y) if N else torch.zeros((), dtype=F64)
+
+    def log_gamma(th):  # [T, P, D] -> [T, P]
+        lik = torch.distributions.Normal(th @ phi.T, sigma_y).log_prob(y).sum(-1)
+        return lm.diag_normal_logpdf(th, mu0, torch.log(s0)) + lik
+    return log_gamma, mu0, torch.log(s0), log_Z
+
+
+@FAST
+@given(kernel=st.sampled_from(KERNELS), K=st.integers(0, 6), N=st.integers(0, 8), D=st.integers(1, 3),
+       seed=st.integers(0, 10_000))
+def test_bounds_on_bayesian_linear_regression(kernel, K, N, D, seed):
+    g = gen(seed)
+    log_gamma, mu0, log_s0, log_Z = blr_problem(g, N, D, sigma_y=0.5)
+    R, P = 64, 32  # R independent replicates in the task dimension, P particles each
+    m = (mu0 + 0.3 * torch.randn(D, generator=g, dtype=F64)).expand(R, D)
+    log_s = (log_s0 - 1.0 + 0.5 * torch.rand(D, generator=g, dtype=F64)).expand(R, D)
+    steps, refresh, betas = schedule(K, g, h_scale=0.3)
+    u0 = torch.randn(R, P, D, generator=g, dtype=F64)
+    with torch.no_grad():
+        _, log_w = lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas, g, kernel)
+    el, iw = lm.elbo(log_w), lm.iw_bound(log_w)
+    assert torch.isfinite(log_w).all()
+    assert (el <= iw + 1e-12).all()  # Jensen, holds replicate by replicate
+    for est in (el, iw):  # E[est] <= log Z, within 4 standard errors
+        assert est.mean() <= log_Z + 4 * est.std() / math.sqrt(R) + 1e-9
+
+
+# -----------------------------------------------------------------------------
+# the diffusion earns its keep: a trained K = 8 beats a trained K = 0 on a curved target
+
+def warped(th):
+    """A curved, non-Gaussian 2-d target with a Lipschitz gradient; Z = 2 pi 0.3."""
+    a, b = th[..., 0], th[..., 1]
+    return -0.5 * a ** 2 - 0.5 * ((b - 2 * torch.sin(a)) / 0.3) ** 2
+
+
+def train_free_diffusion(kernel, K, iters=300, seed=0):
+    """Fit q0 and the kernel parameters by maximizing the ELBO; return a 4096-particle ELBO."""
+    g = gen(seed)
+    D, P = 2, 64
+    m = torch.zeros(1, D, dtype=F64, requires_grad=True)
+    log_s = torch.zeros(1, D, dtype=F64, requires_grad=True)
+    raw = torch.zeros(3, K, dtype=F64, requires_grad=True)  # steps, refresh, betas (unconstrained)
+
+    def run(P, g):  # small initial steps (about 0.04): the chain starts close to mean-field VI
+        steps, refresh = 0.3 * torch.nn.functional.softplus(raw[0] - 2), 0.5 * torch.sigmoid(raw[1]) + 0.45
+        inc = torch.nn.functional.softplus(raw[2])
+        u0 = torch.randn(1, P, D, generator=g, dtype=F64)
+        return lm.diffusion(lm.autograd_target(warped), m, log_s, u0, steps, refresh, inc.cumsum(0) / inc.sum(),
+                            g, kernel)[1]
+
+    opt = torch.optim.Adam([m, log_s, raw], lr=0.03)
+    for _ in range(iters):
+        loss = -lm.elbo(run(P, g)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return lm.elbo(run(4096, gen(seed + 1))).item()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_trained_diffusion_beats_mean_field(kernel):
+    log_Z = math.log(2 * math.pi * 0.3)
+    mf, diff = train_free_diffusion(kernel, 0), train_free_diffusion(kernel, 8)
+    assert mf < log_Z and diff < log_Z + 0.02
+    assert diff > mf + 0.3, (mf, diff, log_Z)  # measured: +0.5 (underdamped), +1.2 (overdamped)
+
+
+# -----------------------------------------------------------------------------
+# the batched BNN, the encoder, the model
+
+def test_batched_bnn_equals_loop():
+    g = gen(4)
+    bnn = lm.BNN(2, 3, (5, 6))
+    theta = torch.randn(3, 4, bnn.n_params, generator=g, dtype=F64)
+    x = torch.randn(3, 7, 2, generator=g, dtype=F64)
+    out = bnn(theta, x)
+    assert out.shape == (3, 4, 7, 3)
+    for t in range(3):
+        for p in range(4):
+            h, i = x[t], 0
+            for l, (a, b) in enumerate(bnn.shapes):
+                W = theta[t, p, i:i + a * b].reshape(a, b); i += a * b
+                h = h @ W + theta[t, p, i:i + b]; i += b
+                h = torch.relu(h) if l < len(bnn.shapes) - 1 else h
+            assert torch.allclose(out[t, p], h, atol=1e-12)
+    assert lm.BNN().n_params == 1761
+
+
+def test_encoder_permutation_invariant_and_ignores_padding():
+    g = gen(5)
+    model = small_model(g).double()
+    for p in model.encoder.head[-1].parameters():  # non-zero heads, else q0 is trivially the prior
+        torch.nn.init.normal_(p, 0, 0.1, generator=g)
+    data = sinusoid_batch(3, 6, g, F64)
+    m, log_s = model.q0(data)
+    perm = torch.randperm(6, generator=g)
+    m2, log_s2 = model.q0(Batch(data.x[:, perm], data.y[:, perm], data.mask[:, perm]))
+    assert torch.allclose(m, m2, atol=1e-12) and torch.allclose(log_s, log_s2, atol=1e-12)
+    # padding: extra garbage points with mask False change nothing
+    pad_x = torch.cat([data.x, torch.full((3, 4, 1), 1e6, dtype=F64)], 1)
+    pad_y = torch.cat([data.y, torch.full((3, 4, 1), float("nan"), dtype=F64)], 1)
+    pad_mask = torch.cat([data.mask, torch.zeros(3, 4, dtype=torch.bool)], 1)
+    m3, log_s3 = model.q0(lm.make_batch(pad_x, pad_y, pad_mask))
+    assert torch.allclose(m, m3, atol=1e-12) and torch.allclose(log_s, log_s3, atol=1e-12)
+    # empty contexts: the learned empty-set vector, finite, and the same for every empty task
+    empty = lm.first_n(data, 0)
+    m0, log_s0 = model.q0(empty)
+    assert torch.isfinite(m0).all() and torch.allclose(m0[0], m0[1])
+    _, log_w = model.sample(empty, 5, g)
+    assert torch.isfinite(log_w).all()
+
+
+def test_q0_starts_at_the_prior_and_empty_context_targets_the_prior():
+    model = small_model(gen(6))
+    data = sinusoid_batch(2, 5, gen(7))
+    m, log_s = model.q0(data)
+    assert torch.equal(m, model.prior_mean.expand_as(m)) and torch.equal(log_s, model.prior_log_std.expand_as(m))
+    # empty context and K = 0: q0 = prior = target, so every log w is exactly 0 = log Z
+    _, log_w = small_model(gen(6), K=0).sample(lm.first_n(data, 0), 4, gen(8))
+    assert torch.allclose(log_w, torch.zeros_like(log_w), atol=1e-4)
+
+
+def test_mixed_context_sizes_in_one_batch_match_separate_batches():
+    model = small_model(gen(9)).double()
+    data = sinusoid_batch(3, 6, gen(10), F64)
+    ctx = lm.first_n(data, torch.tensor([0, 2, 6]))
+    m, log_s = model.q0(ctx)
+    for t, n in enumerate([0, 2, 6]):
+        one = lm.first_n(Batch(data.x[t:t + 1, :max(n, 1)], data.y[t:t + 1, :max(n, 1)],
+                               data.mask[t:t + 1, :max(n, 1)]), n)
+        m1, _ = model.q0(one)
+        assert torch.allclose(m[t], m1[0], atol=1e-12)
+
+
+def test_meta_training_improves_the_elbo_and_is_seeded():
+    data = sinusoid_batch(16, 8, gen(11))
+
+    def run():
+        g = gen(12)
+        model = small_model(g, kernel="overdamped", lr=3e-3, min_context=8)
+        return model, lm.meta_train(model, data, g, iters=60)
+    model, hist = run()
+    assert sum(hist[-10:]) / 10 < sum(hist[:10]) / 10  # loss = -ELBO goes down
+    model2, hist2 = run()
+    assert hist == hist2  # same seed, same numbers
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_predictive_and_metrics_shapes():
+    g = gen(13)
+    model = small_model(g)
+    data = sinusoid_batch(3, 10, g)
+    mean, std = model.predictive(lm.first_n(data, 4), data.x, 7, g)
+    assert mean.shape == (3, 7, 10, 1) and not mean.requires_grad
+    lp, err = lm.log_predictive(mean, std, data), lm.mse(mean, data)
+    assert lp.shape == err.shape == (3,) and torch.isfinite(lp).all() and (err >= 0).all()
+    # equal-weight mixture of identical components = that component's log likelihood
+    one = lm.log_predictive(mean[:, :1].expand(-1, 5, -1, -1), std, data)
+    assert torch.allclose(one, lm.gaussian_loglik(mean[:, :1], data.y, data.mask, std)[:, 0], atol=1e-4)
+
+
+def test_random_subset_sizes_and_membership():
+    g = gen(14)
+    data = lm.make_batch(torch.randn(500, 6, 1, generator=g), torch.randn(500, 6, 1, generator=g),
+                         torch.arange(6).expand(500, 6) < 4)  # 4 real points per task
+    sub = lm.random_subset(data, g, min_size=1)
+    sizes = sub.counts
+    assert sizes.min() == 1 and sizes.max() == 4
+    assert not (sub.mask & ~data.mask).any()
+    assert set(sizes.tolist()) == {1, 2, 3, 4}
+
+
+# -----------------------------------------------------------------------------
+# errors: clear messages naming the argument
+
+def test_nan_during_training_is_reported_with_the_iteration():
+    w = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(FloatingPointError, match="iteration 3"):
+        lm.train_loop([w], lambda it: (w * (float("nan") if it == 3 else 1.0)).sum(), 10, 0.1, 1.0, 0)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(K=-1), "K"), (dict(kernel="leapfrog"), "kernel"), (dict(step_init=0.0), "step_init"),
+    (dict(refresh_init=1.0), "refresh_init"), (dict(particles=0), "particles"), (dict(lr=float("nan")), "lr"),
+    (dict(hidden=(40, 0)), "hidden"),
+])
+def test_bad_config_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LDVIConfig(**kwargs)
+
+
+def test_bad_batches():
+    x, y = torch.zeros(2, 3, 1), torch.zeros(2, 3, 1)
+    with pytest.raises(ValueError, match=r"context.x: expected a tensor of shape \[T, N, dx\]"):
+        lm.make_batch(torch.zeros(2, 3), y)
+    with pytest.raises(ValueError, match="x is"):
+        lm.make_batch(x, torch.zeros(3, 3, 1))  # mismatched T
+    with pytest.raises(ValueError, match="x is"):
+        lm.make_batch(x, torch.zeros(2, 4, 1))  # mismatched N
+    with pytest.raises(ValueError, match="mask"):
+        lm.make_batch(x, y, torch.ones(2, 3))  # not bool
+    for bad in (float("nan"), float("inf")):
+        y_bad = y.clone()
+        y_bad[1, 2, 0] = bad
+        with pytest.raises(ValueError, match="y: NaN or inf"):
+            lm.make_batch(x, y_bad)
+        lm.make_batch(x, y_bad, torch.tensor([[True] * 3, [True, True, False]]))  # padded: fine
+    with pytest.raises(ValueError, match="n: expected context sizes"):
+        lm.first_n(lm.make_batch(x, y), 4)  # more context than points
+    model = small_model(gen(0))
+    with pytest.raises(ValueError, match="dx = 1"):
+        model.sample(lm.make_batch(torch.zeros(2, 3, 2), y), 4, gen(0))
+    with pytest.raises(ValueError, match="float64"):
+        model.sample(lm.make_batch(x.double(), y.double()), 4, gen(0))
+    with pytest.raises(ValueError, match="P"):
+        model.sample(lm.make_batch(x, y), 0, gen(0))
+    with pytest.raises(ValueError, match="theta"):
+        model.bnn(torch.zeros(2, 3, 5), x)
+
+
+def test_bad_diffusion_parameters():
+    g = gen(0)
+    m, log_s, u0 = torch.zeros(1, 2), torch.zeros(1, 2), torch.randn(1, 3, 2, generator=g)
+    tgt = lm.autograd_target(banana)
+    ok = torch.full((2,), 0.5)
+    for kernel, steps, refresh, betas, name in [
+        ("overdamped", torch.tensor([0.0, 0.1]), ok, ok, "steps"),
+        ("underdamped", torch.tensor([-0.1, 0.1]), ok, ok, "steps"),
+        ("underdamped", ok, torch.tensor([0.5, 1.0]), ok, "refresh"),
+        ("underdamped", ok, ok, torch.tensor([0.0, 1.0]), "betas"),
+        ("underdamped", ok, ok, torch.ones(3), "steps/refresh/betas"),
+        ("euler", ok, ok, ok, "kernel"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            lm.diffusion(tgt, m, log_s, u0, steps, refresh, betas, g, kernel)
+    with pytest.raises(ValueError, match="u0/m/log_s"):
+        lm.diffusion(tgt, m, log_s, torch.zeros(1, 3, 4), ok, ok, ok, g)
