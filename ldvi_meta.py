@@ -139,6 +139,15 @@ def make_batch(x, y, mask=None, name: str = "context") -> Batch:
     return Batch(torch.where(keep, x, 0.0), torch.where(keep, y, 0.0), mask)
 
 
+def check_compatible(batch: Batch, dx: int, dy: int, like: torch.Tensor, name: str = "context") -> Batch:
+    """Raise ValueError unless batch has the model's dx, dy, dtype and device (those of `like`)."""
+    if batch.x.shape[-1] != dx or batch.y.shape[-1] != dy:
+        raise ValueError(f"{name}: expected dx = {dx}, dy = {dy}, got x {tuple(batch.x.shape)}, y {tuple(batch.y.shape)}")
+    if batch.x.dtype != like.dtype or batch.x.device != like.device:
+        raise ValueError(f"{name}: data are {batch.x.dtype} on {batch.x.device}, the model is {like.dtype} on {like.device}")
+    return batch
+
+
 def first_n(batch: Batch, n) -> Batch:
     """Context made of the first n[t] points of each task (n an int or a [T] tensor)."""
     T, N = batch.mask.shape
@@ -147,7 +156,8 @@ def first_n(batch: Batch, n) -> Batch:
         raise ValueError(f"n: expected context sizes in [0, points per task], got {n.tolist()} "
                          f"for tasks with {batch.counts.tolist()} points")
     keep = torch.arange(N, device=n.device) < n.unsqueeze(-1)  # [T, N]
-    return make_batch(batch.x, batch.y, batch.mask & keep)
+    L = max(int(n.max()), 1) if T else 0  # trim the padding: the BNN never sees points past L
+    return make_batch(batch.x[:, :L], batch.y[:, :L], (batch.mask & keep)[:, :L])
 
 
 def random_subset(batch: Batch, gen: torch.Generator, min_size: int = 0) -> Batch:
@@ -271,7 +281,7 @@ def autograd_target(log_gamma: Callable) -> Callable:
 
 
 def _sq(v: torch.Tensor) -> torch.Tensor:
-    return v.square().sum(-1)  # [T, P]
+    return torch.linalg.vecdot(v, v)  # |v|^2 over the last dimension, [T, P]
 
 
 def overdamped_step(u, score, beta, h, eps):
@@ -279,7 +289,8 @@ def overdamped_step(u, score, beta, h, eps):
 
     Exact for the OU part (stationary N(0, I)); only the residual score is frozen."""
     a = torch.exp(-h)
-    return a * u + (1 - a) * beta * score + torch.sqrt(1 - a * a) * eps
+    drift = torch.addcmul(a * u, (1 - a) * beta, score)   # a u + (1 - a) beta grad l(u)
+    return torch.addcmul(drift, torch.sqrt(1 - a * a), eps)
 
 
 def underdamped_step(u, p, score, beta, h, c, xi, score_fn):
@@ -287,11 +298,13 @@ def underdamped_step(u, p, score, beta, h, c, xi, score_fn):
 
     Returns (u, p, p_refreshed, value, score) at the new position; score_fn(u) gives the
     (value, score) pair there, which the next step reuses."""
-    p_ref = c * p + torch.sqrt(1 - c * c) * xi                     # exact OU refresh
-    p = p_ref + 0.5 * h * beta * score                             # half kick
-    u, p = torch.cos(h) * u + torch.sin(h) * p, -torch.sin(h) * u + torch.cos(h) * p  # rotation
+    # (torch.addcmul(a, b, c) = a + b * c: one pass over the [T, P, D] state instead of two)
+    kick, cos, sin = 0.5 * h * beta, torch.cos(h), torch.sin(h)   # scalars
+    p_ref = torch.addcmul(c * p, torch.sqrt(1 - c * c), xi)        # p' = c p + sqrt(1 - c^2) xi
+    p = torch.addcmul(p_ref, kick, score)                          # half kick
+    u, p = torch.addcmul(cos * u, sin, p), torch.addcmul(cos * p, -sin, u)  # exact rotation
     value, score = score_fn(u)
-    p = p + 0.5 * h * beta * score                                 # half kick
+    p = torch.addcmul(p, kick, score)                              # half kick
     return u, p, p_ref, value, score
 
 
@@ -325,8 +338,8 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
     s = torch.exp(log_s).unsqueeze(1)  # [T, 1, D]
 
     def score_fn(u):  # log gamma(m + s u) [T, P] and grad_u l(u) = s * grad_theta log gamma + u
-        value, grad = target(m.unsqueeze(1) + s * u)
-        return value, s * grad + u
+        value, grad = target(torch.addcmul(m.unsqueeze(1), s, u))
+        return value, torch.addcmul(u, s, grad)
 
     log_q0 = -0.5 * _sq(u0) - 0.5 * D * LOG_2PI - log_s.sum(-1, keepdim=True)  # [T, P]
     u = u0
@@ -445,10 +458,15 @@ class LDVIMeta(nn.Module):
 
     def target(self, ctx: Batch) -> Callable:
         """theta -> (log gamma(theta), grad_theta log gamma) with the analytic BNN gradient."""
+        log_norm = -self.prior_log_std.sum() - 0.5 * self.bnn.n_params * LOG_2PI
+        prec = torch.exp(-2 * self.prior_log_std)  # [D]
+
         def value_and_grad(theta):
-            ll, g_lik = self.bnn.loglik_and_grad(theta, ctx, self.sigma_y)            # [T, P], [T, P, D]
-            g_prior = (self.prior_mean - theta) * torch.exp(-2 * self.prior_log_std)  # [T, P, D]
-            return self.log_prior(theta) + ll, g_prior + g_lik
+            ll, g_lik = self.bnn.loglik_and_grad(theta, ctx, self.sigma_y)   # [T, P], [T, P, D]
+            d = theta - self.prior_mean                                      # [T, P, D]
+            d_prec = d * prec                                                # = -grad log prior
+            log_prior = log_norm - 0.5 * torch.linalg.vecdot(d, d_prec)      # [T, P]
+            return log_prior + ll, g_lik - d_prec
         return value_and_grad
 
     def q0(self, ctx: Batch):
@@ -457,14 +475,11 @@ class LDVIMeta(nn.Module):
         return self.prior_mean + dm, self.prior_log_std + dlogs
 
     def check(self, batch: Batch, name: str = "context") -> Batch:
-        p = self.prior_mean
-        if batch.x.shape[-1] != self.cfg.dx or batch.y.shape[-1] != self.cfg.dy:
-            raise ValueError(f"{name}: expected dx = {self.cfg.dx}, dy = {self.cfg.dy}, got "
-                             f"x {tuple(batch.x.shape)}, y {tuple(batch.y.shape)}")
-        if batch.x.dtype != p.dtype or batch.x.device != p.device:
-            raise ValueError(f"{name}: data are {batch.x.dtype} on {batch.x.device}, the model is "
-                             f"{p.dtype} on {p.device}")
-        return batch
+        return check_compatible(batch, self.cfg.dx, self.cfg.dy, self.prior_mean, name)
+
+    def fit(self, data: Batch, gen: torch.Generator) -> list:
+        """Meta-train (the interface shared with the baselines)."""
+        return meta_train(self, data, gen)
 
     # --- sampling, bounds and prediction
     def sample(self, ctx: Batch, P: int, gen: torch.Generator):

@@ -1,0 +1,305 @@
+"""
+Baselines for amortized LDVI, on the same padded task batches and the same functional BNN:
+
+  MAML   point estimate adapted by inner SGD on the context [1]
+  BMAML  M SVGD particles per task, meta-trained with the chaser loss [2, 3]
+  NP     latent neural process with mean aggregation [4]
+
+Every method has the interface of ldvi_meta.LDVIMeta, so the benchmark treats all alike:
+  fit(data, gen)                         meta-train on a Batch of meta-training tasks
+  predictive(ctx, x_target, S, gen)      -> (mean [T, S, M, dy], std broadcastable to it),
+                                            an equal-weight mixture of S Gaussians per point
+Empty context sets work for every method (MAML: no adaptation; BMAML: the initial
+particles; NP: the learned empty-set representation).
+
+References
+  [1] C. Finn, P. Abbeel, S. Levine. Model-agnostic meta-learning for fast adaptation of
+      deep networks. ICML 2017.
+  [2] T. Kim, J. Yoon, O. Dia, S. Kim, Y. Bengio, S. Ahn. Bayesian model-agnostic
+      meta-learning. NeurIPS 2018 (Algorithm 3: chaser loss).
+  [3] Q. Liu, D. Wang. Stein variational gradient descent: a general purpose Bayesian
+      inference algorithm. NeurIPS 2016.
+  [4] M. Garnelo, J. Schwarz, D. Rosenbaum, F. Viola, D. Rezende, S. M. A. Eslami,
+      Y. W. Teh. Neural processes. ICML 2018 workshop, arXiv:1807.01622.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldvi_meta import (BNN, Batch, SetEncoder, _require, check_compatible, gaussian_loglik, mlp, random_subset,
+                       task_minibatch, train_loop)
+
+
+@dataclass
+class TrainConfig:
+    """What every baseline's meta-training loop shares."""
+    iters: int = 2000                 # meta-training iterations
+    lr: float = 1e-3                  # Adam learning rate (outer loop)
+    tasks_per_batch: int = 16         # tasks per meta-training minibatch
+    min_context: int = 1              # context sizes drawn uniformly in [min_context, N]
+    clip: float = 10.0                # gradient-norm clipping threshold
+    log_every: int = 100              # progress line on stderr every this many iterations (0: never)
+
+    def __post_init__(self):
+        for name in ("iters", "min_context", "log_every"):
+            _require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+        _require(self.tasks_per_batch >= 1, "tasks_per_batch", "an integer >= 1", self.tasks_per_batch)
+        for name in ("lr", "clip"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+
+
+def _fit(method, data: Batch, gen: torch.Generator, name: str) -> list:
+    """Shared outer loop: random task minibatch, random context subset, targets = all points."""
+    cfg = method.cfg
+    check_compatible(data, cfg.dx, cfg.dy, method.dtype_ref, "data")
+
+    def loss(it):
+        batch = task_minibatch(data, cfg.tasks_per_batch, gen)
+        return method.loss(random_subset(batch, gen, cfg.min_context), batch, gen)
+    return train_loop(method.parameters(), loss, cfg.iters, cfg.lr, cfg.clip, cfg.log_every, name)
+
+
+def _masked_mean_sq(f, batch: Batch) -> torch.Tensor:
+    """Per-task mean squared error over real points: f [T, P, N, dy] -> [T, P] (0 if empty)."""
+    err = (f - batch.y.unsqueeze(1)).square().mean(-1) * batch.mask.unsqueeze(1)  # [T, P, N]
+    return err.sum(-1) / batch.counts.clamp(min=1).unsqueeze(1)
+
+
+# -----------------------------------------------------------------------------
+# MAML (Finn et al. 2017): one meta-learned initialization, inner SGD on the context
+
+@dataclass
+class MAMLConfig(TrainConfig):
+    dx: int = 1                       # input dimension
+    dy: int = 1                       # output dimension
+    hidden: tuple = (40, 40)          # hidden widths of the network (ReLU)
+    inner_lr: float = 0.01            # inner SGD step size
+    adapt_steps: int = 5              # inner SGD steps (training and prediction)
+    first_order: bool = False         # drop second-order terms of the meta-gradient
+    sigma_y: float = 0.5              # predictive noise std (initial value when learned)
+    learn_sigma_y: bool = True        # meta-learn sigma_y on the target log-likelihood
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.hidden = tuple(self.hidden)
+        _require(self.adapt_steps >= 0, "adapt_steps", "an integer >= 0", self.adapt_steps)
+        for name in ("inner_lr", "sigma_y"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+
+
+class MAML(nn.Module):
+    def __init__(self, cfg: MAMLConfig, gen: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.bnn = BNN(cfg.dx, cfg.dy, cfg.hidden)
+        self.theta0 = nn.Parameter(self.bnn.init(gen))  # [D]
+        log_sy = torch.tensor(math.log(cfg.sigma_y))
+        self.log_sigma_y = nn.Parameter(log_sy) if cfg.learn_sigma_y else nn.Buffer(log_sy)
+
+    @property
+    def dtype_ref(self):
+        return self.theta0
+
+    def adapt(self, ctx: Batch, steps: int | None = None) -> torch.Tensor:
+        """All tasks at once: theta <- theta - inner_lr * grad(mean squared error on C)."""
+        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        T = ctx.x.shape[0]
+        theta = self.theta0.expand(T, 1, -1)  # [T, 1, D]
+        second_order = torch.is_grad_enabled() and not self.cfg.first_order
+        for _ in range(self.cfg.adapt_steps if steps is None else steps):
+            with torch.enable_grad():
+                th = theta if (second_order and theta.requires_grad) else theta.detach().requires_grad_(True)
+                inner = _masked_mean_sq(self.bnn(th, ctx.x), ctx).sum()  # tasks are independent
+                g, = torch.autograd.grad(inner, th, create_graph=second_order)  # [T, 1, D]
+            theta = theta - self.cfg.inner_lr * (g if second_order else g.detach())
+        return theta  # [T, 1, D]; an empty context has zero gradient: no adaptation
+
+    def loss(self, ctx: Batch, target: Batch, gen=None) -> torch.Tensor:
+        f = self.bnn(self.adapt(ctx), target.x)  # [T, 1, N, dy]
+        ll = gaussian_loglik(f, target.y, target.mask, self.log_sigma_y.exp())[:, 0]  # [T]
+        return -(ll / target.counts.clamp(min=1)).mean()
+
+    def fit(self, data: Batch, gen: torch.Generator) -> list:
+        return _fit(self, data, gen, "maml")
+
+    def predictive(self, ctx: Batch, x_target, S: int = 1, gen=None):
+        """A point estimate: one component, whatever S (S is accepted for the shared interface)."""
+        with torch.no_grad():
+            theta = self.adapt(ctx)
+            return self.bnn(theta, x_target), self.log_sigma_y.exp()  # [T, 1, M, dy]
+
+
+# -----------------------------------------------------------------------------
+# BMAML (Kim et al. 2018, Algorithm 3): SVGD particles and the chaser loss
+
+def rbf_kernel(theta: torch.Tensor):
+    """RBF kernel k_ij = exp(-|theta_i - theta_j|^2 / h) between particles [T, M, D] -> [T, M, M].
+
+    Bandwidth by the median heuristic of Liu & Wang (2016) [3] in the form of their reference
+    code: h = med / log(M + 1), med the median of the M x M squared distances of each task.
+    h is treated as a constant (no gradient through the median)."""
+    T, M, D = theta.shape
+    sq = torch.cdist(theta, theta).square()                                   # [T, M, M]
+    h = sq.detach().flatten(1).median(-1).values / math.log(M + 1)             # [T]
+    h = h.clamp(min=1e-12).view(T, 1, 1)
+    return torch.exp(-sq / h), h
+
+
+def svgd_direction(theta: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """phi(theta_i) = 1/M sum_j [k_ji score_j + grad_{theta_j} k_ji]  [3], all tasks at once.
+
+    With k = exp(-|a - b|^2 / h): grad_{theta_j} k_ji = (2 / h) k_ji (theta_i - theta_j)."""
+    M = theta.shape[1]
+    k, h = rbf_kernel(theta)                                                  # [T, M, M]
+    drive = k @ score                                                         # [T, M, D]
+    repulse = (2 / h) * (k.sum(-1, keepdim=True) * theta - k @ theta)         # [T, M, D]
+    return (drive + repulse) / M
+
+
+@dataclass
+class BMAMLConfig(TrainConfig):
+    dx: int = 1                       # input dimension
+    dy: int = 1                       # output dimension
+    hidden: tuple = (40, 40)          # hidden widths of the network (ReLU)
+    particles: int = 10               # M particles per task
+    svgd_lr: float = 1e-3             # SVGD step size alpha
+    chaser_steps: int = 5             # n SVGD steps on the context (also at prediction)
+    leader_steps: int = 1             # s further SVGD steps on context + target
+    sigma_y: float = 0.25             # fixed likelihood noise std of the SVGD target
+    prior_std: float = 1.0            # std of the isotropic N(0, prior_std^2) weight prior of the target
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.hidden = tuple(self.hidden)
+        for name in ("particles", "chaser_steps"):
+            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        _require(self.leader_steps >= 0, "leader_steps", "an integer >= 0", self.leader_steps)
+        for name in ("svgd_lr", "sigma_y", "prior_std"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+
+
+class BMAML(nn.Module):
+    def __init__(self, cfg: BMAMLConfig, gen: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.bnn = BNN(cfg.dx, cfg.dy, cfg.hidden)
+        self.theta0 = nn.Parameter(torch.stack([self.bnn.init(gen) for _ in range(cfg.particles)]))  # [M, D]
+
+    @property
+    def dtype_ref(self):
+        return self.theta0
+
+    def score(self, theta: torch.Tensor, data: Batch) -> torch.Tensor:
+        """grad_theta [log p(D | theta) + log N(theta; 0, prior_std^2 I)]  [T, M, D]."""
+        sy = torch.tensor(self.cfg.sigma_y, dtype=theta.dtype, device=theta.device)
+        _, g = self.bnn.loglik_and_grad(theta, data, sy)
+        return g - theta / self.cfg.prior_std ** 2
+
+    def svgd(self, theta: torch.Tensor, data: Batch, steps: int) -> torch.Tensor:
+        """steps SVGD updates theta <- theta + alpha phi(theta); tasks with an empty data set stay put."""
+        move = (data.counts > 0).to(theta.dtype).view(-1, 1, 1)  # [T, 1, 1]
+        for _ in range(steps):
+            theta = theta + self.cfg.svgd_lr * move * svgd_direction(theta, self.score(theta, data))
+        return theta
+
+    def initial(self, T: int) -> torch.Tensor:
+        return self.theta0.expand(T, -1, -1)  # [T, M, D]
+
+    def loss(self, ctx: Batch, target: Batch, gen=None) -> torch.Tensor:
+        """Chaser loss: sum_m |chaser_m - stopgrad(leader_m)|^2, averaged over tasks."""
+        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        chaser = self.svgd(self.initial(ctx.x.shape[0]), ctx, self.cfg.chaser_steps)  # [T, M, D]
+        with torch.no_grad():
+            leader = self.svgd(chaser.detach(), target, self.cfg.leader_steps)
+        return (chaser - leader).square().sum((-1, -2)).mean()
+
+    def fit(self, data: Batch, gen: torch.Generator) -> list:
+        return _fit(self, data, gen, "bmaml")
+
+    def predictive(self, ctx: Batch, x_target, S: int = 1, gen=None):
+        """Equal-weight mixture over the M adapted particles (S is accepted, M is used)."""
+        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        with torch.no_grad():
+            theta = self.svgd(self.initial(ctx.x.shape[0]), ctx, self.cfg.chaser_steps)
+            sy = torch.tensor(self.cfg.sigma_y, dtype=theta.dtype, device=theta.device)
+            return self.bnn(theta, x_target), sy  # [T, M, M_target, dy]
+
+
+# -----------------------------------------------------------------------------
+# the latent Neural Process (Garnelo et al. 2018) with mean aggregation
+
+@dataclass
+class NPConfig(TrainConfig):
+    dx: int = 1                       # input dimension
+    dy: int = 1                       # output dimension
+    z_dim: int = 32                   # latent dimension
+    hidden: int = 128                 # width of encoder and decoder MLPs
+    r_dim: int = 64                   # dimension of the aggregated representation
+    min_std: float = 0.01             # floor on the decoder's output std
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("z_dim", "hidden", "r_dim"):
+            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        _require(math.isfinite(self.min_std) and self.min_std > 0, "min_std", "a finite number > 0", self.min_std)
+
+
+class NeuralProcess(nn.Module):
+    """q(z | C) = N(mu(r), sigma(r)^2), r the masked mean of per-point features (the same
+    DeepSets encoder as ours, with its learned empty-set vector); decoder p(y | x, z)."""
+
+    def __init__(self, cfg: NPConfig, gen: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = SetEncoder(cfg.dx, cfg.dy, cfg.z_dim, gen, cfg.hidden, cfg.r_dim)
+        self.decoder = mlp([cfg.dx + cfg.z_dim, cfg.hidden, cfg.hidden, cfg.hidden, 2 * cfg.dy], gen)
+
+    @property
+    def dtype_ref(self):
+        return self.encoder.empty
+
+    def posterior(self, ctx: Batch):
+        mu, log_std = self.encoder(ctx)  # [T, z], [T, z]
+        return mu, log_std
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor):
+        """z [T, S, z_dim], x [T, M, dx] -> mean, std [T, S, M, dy]."""
+        T, S, _ = z.shape
+        M = x.shape[1]
+        inp = torch.cat([x.unsqueeze(1).expand(T, S, M, -1), z.unsqueeze(2).expand(T, S, M, -1)], -1)
+        mean, raw = self.decoder(inp).chunk(2, -1)                     # [T, S, M, dy] each
+        return mean, self.cfg.min_std + F.softplus(raw)
+
+    def _sample_z(self, mu, log_std, S, gen):
+        eps = torch.randn(mu.shape[0], S, mu.shape[1], generator=gen, dtype=mu.dtype, device=mu.device)
+        return mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * eps   # [T, S, z]
+
+    def loss(self, ctx: Batch, target: Batch, gen: torch.Generator) -> torch.Tensor:
+        """-[E_{q(z|T)} log p(y_T | x_T, z) - KL(q(z | T) || q(z | C))], per target point.
+
+        The target set contains the context (the protocol's targets are all points)."""
+        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
+        mu_t, ls_t = self.posterior(target)
+        mu_c, ls_c = self.posterior(ctx)
+        z = self._sample_z(mu_t, ls_t, 1, gen)                           # [T, 1, z]
+        mean, std = self.decode(z, target.x)
+        ll = gaussian_loglik(mean, target.y, target.mask, std)[:, 0]     # [T]
+        kl = (ls_c - ls_t + ((ls_t.exp()) ** 2 + (mu_t - mu_c) ** 2) / (2 * (2 * ls_c).exp()) - 0.5).sum(-1)  # [T]
+        return -((ll - kl) / target.counts.clamp(min=1)).mean()
+
+    def fit(self, data: Batch, gen: torch.Generator) -> list:
+        return _fit(self, data, gen, "np")
+
+    def predictive(self, ctx: Batch, x_target, S: int, gen: torch.Generator):
+        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
+        with torch.no_grad():
+            mu, log_std = self.posterior(ctx)
+            return self.decode(self._sample_z(mu, log_std, S, gen), x_target)
