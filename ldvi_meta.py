@@ -63,7 +63,7 @@ class LDVIConfig:
     hidden: tuple = (40, 40)          # hidden widths of the BNN (ReLU); (40, 40) -> D = 1761
     kernel: str = "underdamped"       # "underdamped" or "overdamped" diffusion kernel
     K: int = 10                       # number of diffusion steps (0 = amortized mean-field VI)
-    step_init: float = 0.2            # initial step size h_k of every diffusion step
+    step_init: float = 0.05           # initial step size h_k (small: training starts near mean-field VI)
     refresh_init: float = 0.8         # initial momentum refresh factor c_k (underdamped)
     prior_std_init: float = 0.1       # initial std sigma_psi of the meta-learned prior
     sigma_y: float = 0.5              # observation noise std (initial value when learned)
