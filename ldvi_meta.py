@@ -31,6 +31,8 @@ References
   [5] M. Zaheer et al. Deep sets. NeurIPS 2017.
   [6] C. Finn, P. Abbeel, S. Levine. Model-agnostic meta-learning. ICML 2017 (the
       1-40-40-1 sinusoid network).
+  [7] N. Brosse, A. Durmus, E. Moulines, S. Sabanis. The tamed unadjusted Langevin
+      algorithm. Stochastic Processes and their Applications, 2019.
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ class LDVIConfig:
     lr: float = 1e-3                  # Adam learning rate
     clip: float = 10.0                # gradient-norm clipping threshold
     log_every: int = 100              # progress line on stderr every this many iterations (0: never)
+    tamed: bool = True                # drive the diffusion with the tamed score (see tame)
 
     def __post_init__(self):
         self.hidden = tuple(self.hidden)
@@ -284,31 +287,45 @@ def _sq(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(v, v)  # |v|^2 over the last dimension, [T, P]
 
 
-def overdamped_step(u, score, beta, h, eps):
-    """F_k: u' = a u + (1 - a) beta grad l(u) + sqrt(1 - a^2) eps, a = exp(-h).
+def tame(score, h):
+    """Coordinatewise tamed drift g / (1 + h |g|) (tamed ULA, Brosse et al. 2019 [7]).
+
+    Equal to g where h |g| << 1 and bounded by 1/h, so one step moves a particle by at most
+    about one q0 standard deviation per coordinate even where the likelihood is far steeper
+    than q0 (early in training, or steep tasks), instead of blowing up. Validity of the
+    weights does not depend on the drift (the backward kernel uses the same field), and
+    Gaussian exactness holds because there grad l = 0."""
+    return score / (1 + h * score.abs())
+
+
+def overdamped_step(u, drift_field, beta, h, eps):
+    """F_k: u' = a u + (1 - a) beta g(u) + sqrt(1 - a^2) eps, a = exp(-h), g = grad l or tame(grad l, h).
 
     Exact for the OU part (stationary N(0, I)); only the residual score is frozen."""
     a = torch.exp(-h)
-    drift = torch.addcmul(a * u, (1 - a) * beta, score)   # a u + (1 - a) beta grad l(u)
+    drift = torch.addcmul(a * u, (1 - a) * beta, drift_field)   # a u + (1 - a) beta g(u)
     return torch.addcmul(drift, torch.sqrt(1 - a * a), eps)
 
 
-def underdamped_step(u, p, score, beta, h, c, xi, score_fn):
+def underdamped_step(u, p, score, beta, h, c, xi, score_fn, field=lambda g, h: g):
     """One split-Hamiltonian step: OU refresh, half kick, exact rotation, half kick.
 
+    The kicks use field(grad l, h) (identity or tame). Each kick is a shear and the rotation
+    is orthogonal, so the map after the refresh is volume preserving for any field.
     Returns (u, p, p_refreshed, value, score) at the new position; score_fn(u) gives the
-    (value, score) pair there, which the next step reuses."""
+    (value, grad l) pair there, which the next step reuses."""
     # (torch.addcmul(a, b, c) = a + b * c: one pass over the [T, P, D] state instead of two)
     kick, cos, sin = 0.5 * h * beta, torch.cos(h), torch.sin(h)   # scalars
     p_ref = torch.addcmul(c * p, torch.sqrt(1 - c * c), xi)        # p' = c p + sqrt(1 - c^2) xi
-    p = torch.addcmul(p_ref, kick, score)                          # half kick
+    p = torch.addcmul(p_ref, kick, field(score, h))                # half kick
     u, p = torch.addcmul(cos * u, sin, p), torch.addcmul(cos * p, -sin, u)  # exact rotation
     value, score = score_fn(u)
-    p = torch.addcmul(p, kick, score)                              # half kick
+    p = torch.addcmul(p, kick, field(score, h))                    # half kick
     return u, p, p_ref, value, score
 
 
-def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel: str = "underdamped"):
+def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel: str = "underdamped",
+              tamed: bool = True):
     """Run the q0-preconditioned diffusion and return (theta_K [T, P, D], log w [T, P]).
 
     target: theta [T, P, D] -> (log gamma(theta) [T, P], grad_theta log gamma [T, P, D]),
@@ -317,7 +334,8 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
     m, log_s:  [T, D] mean and log std of q0;   u0: [T, P, D] standard-normal draws;
     steps h, refresh c, betas: [K] tensors (the overdamped kernel has no momentum and
                                ignores refresh, but its shape is still checked);
-    gen: torch.Generator for the per-step noise.
+    gen: torch.Generator for the per-step noise;
+    tamed: drive the steps with tame(grad l, h_k) instead of grad l (see tame).
 
     log w = log gamma(theta_K) - log q0(theta_0) + (kernel correction), see DESIGN 3.
     A particle whose weight comes out NaN has diverged: it gets log w = -inf (zero weight).
@@ -341,6 +359,7 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
         value, grad = target(torch.addcmul(m.unsqueeze(1), s, u))
         return value, torch.addcmul(u, s, grad)
 
+    field = tame if tamed else (lambda g, h: g)
     log_q0 = -0.5 * _sq(u0) - 0.5 * D * LOG_2PI - log_s.sum(-1, keepdim=True)  # [T, P]
     u = u0
     value, score = score_fn(u)
@@ -349,9 +368,9 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
         for k in range(K):
             eps = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)  # [T, P, D]
             a = torch.exp(-steps[k])
-            u_new = overdamped_step(u, score, betas[k], steps[k], eps)
+            u_new = overdamped_step(u, field(score, steps[k]), betas[k], steps[k], eps)
             value, score = score_fn(u_new)
-            back_mean = a * u_new + (1 - a) * betas[k] * score                          # [T, P, D]
+            back_mean = a * u_new + (1 - a) * betas[k] * field(score, steps[k])       # [T, P, D]
             # log B_k(u | u') - log F_k(u' | u); the Gaussian normalizers cancel
             log_w = log_w - _sq(u - back_mean) / (2 * (1 - a * a)) + 0.5 * _sq(eps)
             u = u_new
@@ -359,7 +378,8 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
         p = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)  # [T, P, D]
         for k in range(K):
             xi = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)
-            u, p, p_ref, value, score = underdamped_step(u, p, score, betas[k], steps[k], refresh[k], xi, score_fn)
+            u, p, p_ref, value, score = underdamped_step(u, p, score, betas[k], steps[k], refresh[k], xi,
+                                                         score_fn, field)
             log_w = log_w - 0.5 * (_sq(p) - _sq(p_ref))
     log_w = log_w + value
     log_w = torch.where(torch.isnan(log_w), -torch.inf, log_w)
@@ -492,7 +512,8 @@ class LDVIMeta(nn.Module):
         T, D = m.shape
         u0 = torch.randn(T, P, D, generator=gen, dtype=m.dtype, device=m.device)  # [T, P, D]
         steps, refresh, betas = self.schedule()
-        return diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, gen, self.cfg.kernel)
+        return diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, gen, self.cfg.kernel,
+                         self.cfg.tamed)
 
     def predictive(self, ctx: Batch, x_target: torch.Tensor, S: int, gen: torch.Generator):
         """Predictive mixture for the targets: means [T, S, M, dy] and the noise std."""

@@ -47,8 +47,8 @@ def small_model(g, **kw):
 
 @FAST
 @given(kernel=st.sampled_from(KERNELS), T=st.integers(1, 3), P=st.integers(1, 5), D=st.integers(1, 12),
-       K=st.integers(0, 8), seed=st.integers(0, 10_000), h_scale=st.floats(0.01, 3.0))
-def test_gaussian_target_exactness(kernel, T, P, D, K, seed, h_scale):
+       K=st.integers(0, 8), seed=st.integers(0, 10_000), h_scale=st.floats(0.01, 3.0), tamed=st.booleans())
+def test_gaussian_target_exactness(kernel, T, P, D, K, seed, h_scale, tamed):
     g = gen(seed)
     m = torch.randn(T, D, generator=g, dtype=F64)
     log_s = 0.5 * torch.randn(T, D, generator=g, dtype=F64)
@@ -56,7 +56,7 @@ def test_gaussian_target_exactness(kernel, T, P, D, K, seed, h_scale):
     target = lm.autograd_target(lambda th: log_Z + lm.diag_normal_logpdf(th, m.unsqueeze(1), log_s.unsqueeze(1)))
     u0 = torch.randn(T, P, D, generator=g, dtype=F64)
     steps, refresh, betas = schedule(K, g, h_scale)
-    theta, log_w = lm.diffusion(target, m, log_s, u0, steps, refresh, betas, g, kernel)
+    theta, log_w = lm.diffusion(target, m, log_s, u0, steps, refresh, betas, g, kernel, tamed)
     assert theta.shape == (T, P, D)
     assert torch.allclose(log_w, log_Z.expand(T, P), atol=1e-8, rtol=0)
 
@@ -77,8 +77,8 @@ def banana(th):
 
 
 @FAST
-@given(kernel=st.sampled_from(KERNELS), K=st.integers(0, 6), seed=st.integers(0, 10_000))
-def test_reduction_to_mean_field(kernel, K, seed):
+@given(kernel=st.sampled_from(KERNELS), K=st.integers(0, 6), seed=st.integers(0, 10_000), tamed=st.booleans())
+def test_reduction_to_mean_field(kernel, K, seed, tamed):
     g = gen(seed)
     T, P, D = 2, 4, 3
     m, log_s = torch.randn(T, D, generator=g, dtype=F64), 0.3 * torch.randn(T, D, generator=g, dtype=F64)
@@ -86,7 +86,7 @@ def test_reduction_to_mean_field(kernel, K, seed):
     if kernel == "overdamped":
         K = 0  # the overdamped kernel reduces at K = 0 only
     steps, refresh, betas = schedule(K, g, zero_steps=True)  # h = 0: underdamped stays put at any K
-    theta, log_w = lm.diffusion(lm.autograd_target(banana), m, log_s, u0, steps, refresh, betas, g, kernel)
+    theta, log_w = lm.diffusion(lm.autograd_target(banana), m, log_s, u0, steps, refresh, betas, g, kernel, tamed)
     theta_ref, log_w_ref = mean_field_reference(banana, m, log_s, u0)
     assert torch.allclose(theta, theta_ref, atol=1e-12)
     assert torch.allclose(log_w, log_w_ref, atol=1e-10)
@@ -144,8 +144,8 @@ def blr_problem(g, N, D, sigma_y):
 
 @FAST
 @given(kernel=st.sampled_from(KERNELS), K=st.integers(0, 6), N=st.integers(0, 8), D=st.integers(1, 3),
-       seed=st.integers(0, 10_000))
-def test_bounds_on_bayesian_linear_regression(kernel, K, N, D, seed):
+       seed=st.integers(0, 10_000), tamed=st.booleans())
+def test_bounds_on_bayesian_linear_regression(kernel, K, N, D, seed, tamed):
     g = gen(seed)
     log_gamma, mu0, log_s0, log_Z = blr_problem(g, N, D, sigma_y=0.5)
     R, P = 64, 32  # R independent replicates in the task dimension, P particles each
@@ -154,12 +154,39 @@ def test_bounds_on_bayesian_linear_regression(kernel, K, N, D, seed):
     steps, refresh, betas = schedule(K, g, h_scale=0.3)
     u0 = torch.randn(R, P, D, generator=g, dtype=F64)
     with torch.no_grad():
-        _, log_w = lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas, g, kernel)
+        _, log_w = lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas, g, kernel,
+                                tamed)
     el, iw = lm.elbo(log_w), lm.iw_bound(log_w)
     assert torch.isfinite(log_w).all()
     assert (el <= iw + 1e-12).all()  # Jensen, holds replicate by replicate
     for est in (el, iw):  # E[est] <= log Z, within 4 standard errors
         assert est.mean() <= log_Z + 4 * est.std() / math.sqrt(R) + 1e-9
+
+
+def test_tame_is_the_identity_for_small_steps_and_bounded_by_one_over_h():
+    g = torch.tensor([-1e6, -3.0, 0.0, 1e-3, 2.0, 1e6], dtype=F64)
+    h = torch.tensor(0.1, dtype=F64)
+    assert torch.allclose(lm.tame(g, torch.tensor(1e-12, dtype=F64)), g, rtol=1e-5)  # h |g| <= 1e-6
+    tg = lm.tame(g, h)
+    assert (tg.abs() < 1 / h).all() and torch.equal(tg.sign(), g.sign())
+    assert torch.allclose(tg, g / (1 + h * g.abs()))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_taming_keeps_a_steep_target_finite(kernel):
+    """q0 = N(0, I) against a target 1e-3 wide at distance 5: the plain drift overshoots by
+    about 1e6 per step and the chain explodes; the tamed one moves about one unit per step."""
+    g = gen(3)
+    T, P, D, K = 2, 8, 3, 6
+    log_gamma = lambda th: lm.diag_normal_logpdf(th, torch.tensor(5.0, dtype=F64), torch.tensor(math.log(1e-3), dtype=F64))
+    m, log_s = torch.zeros(T, D, dtype=F64), torch.zeros(T, D, dtype=F64)
+    steps, refresh, betas = torch.full((K,), 0.5, dtype=F64), torch.full((K,), 0.5, dtype=F64), torch.ones(K, dtype=F64)
+    u0 = torch.randn(T, P, D, generator=g, dtype=F64)
+    runs = {tamed: lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas, gen(4),
+                                kernel, tamed) for tamed in (False, True)}
+    assert runs[False][0].abs().max() > 1e6  # the untamed chain has blown up
+    theta, log_w = runs[True]
+    assert torch.isfinite(log_w).all() and theta.abs().max() < (u0.abs().max() + 2 * K * 1 / 0.5)
 
 
 # -----------------------------------------------------------------------------
