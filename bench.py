@@ -203,6 +203,7 @@ def write_json_atomic(path: str, obj) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -271,14 +272,21 @@ def speed(args, device) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     train, _, _ = make_tasks(sinusoid, 64, 16, 0.25, g)
     test, _, _ = make_tasks(sinusoid, args.test_tasks, args.test_points, 0.25, g)
-    ctx = lm.first_n(test, 8)
-    out = dict(device=str(device), machine=platform.processor() or platform.machine(), methods={}, scaling={})
+    chunks = [lm.Batch(test.x[a:a + args.chunk], test.y[a:a + args.chunk], test.mask[a:a + args.chunk])
+              for a in range(0, test.x.shape[0], args.chunk)]  # memory only, as in evaluate
+
+    def adapt_all(model):  # adaptation + prediction for every test task, context size 8
+        return [model.predictive(lm.first_n(part, 8), part.x, args.samples, g) for part in chunks]
+    out = dict(device=str(device), machine=f"{platform.machine()}, {os.cpu_count()} CPUs", torch=torch.__version__,
+               adapt_setting=dict(test_tasks=test.x.shape[0], test_points=test.x.shape[1], context=8,
+                                  samples=args.samples, chunk=args.chunk), methods={}, scaling={})
     for name, (cls, cfg) in method_configs(args).items():
         cfg.log_every = 0
         model = cls(cfg, torch.Generator().manual_seed(0)).to(device)
         it = timed(lambda: train_step(model, train, g))
-        ad = timed(lambda: model.predictive(ctx, test.x, args.samples, g), reps=1)
-        out["methods"][name] = dict(meta_iters_per_s=1 / it, adapt_ms_per_task=ad * 1e3 / test.x.shape[0])
+        ad = timed(lambda: adapt_all(model), reps=1)
+        out["methods"][name] = dict(meta_iters_per_s=1 / it, adapt_s_all_tasks=ad,
+                                    adapt_ms_per_task=ad * 1e3 / test.x.shape[0])
         if name == "MAML":
             ref = timed(lambda: train_step(model, train, g, lambda c, b, _: vmap_maml_loss(model, c, b)))
             out["methods"]["MAML (torch.func.vmap reference)"] = dict(meta_iters_per_s=1 / ref)
@@ -374,7 +382,7 @@ def parse_args(argv=None):
         p.error(f"--contexts: expected sizes in [0, --test-points = {args.test_points}], got {args.contexts}")
     if args.iters is not None and args.iters < 1:
         p.error(f"--iters: expected an integer >= 1, got {args.iters}")
-    base = dict(ldvi=1200, np=3000, maml=1500, bmaml=1000) if not args.quick else dict(ldvi=15, np=15, maml=15, bmaml=15)
+    base = dict(ldvi=2400, np=3000, maml=1500, bmaml=1000) if not args.quick else dict(ldvi=15, np=15, maml=15, bmaml=15)
     args.iters = {k: args.iters for k in base} if args.iters is not None else base
     try:
         args.family = resolve_task(args.task)
