@@ -65,12 +65,6 @@ def _fit(method, data: Batch, gen: torch.Generator, name: str) -> list:
     return train_loop(method.parameters(), loss, cfg.iters, cfg.lr, cfg.clip, cfg.log_every, name)
 
 
-def _masked_mean_sq(f, batch: Batch) -> torch.Tensor:
-    """Per-task mean squared error over real points: f [T, P, N, dy] -> [T, P] (0 if empty)."""
-    err = (f - batch.y.unsqueeze(1)).square().mean(-1) * batch.mask.unsqueeze(1)  # [T, P, N]
-    return err.sum(-1) / batch.counts.clamp(min=1).unsqueeze(1)
-
-
 # -----------------------------------------------------------------------------
 # MAML (Finn et al. 2017): one meta-learned initialization, inner SGD on the context
 
@@ -108,17 +102,22 @@ class MAML(nn.Module):
         return self.theta0
 
     def adapt(self, ctx: Batch, steps: int | None = None) -> torch.Tensor:
-        """All tasks at once: theta <- theta - inner_lr * grad(mean squared error on C)."""
+        """All tasks at once: theta <- theta - inner_lr * grad(mean squared error on C).
+
+        The inner gradient is the BNN's written-out backpropagation (BNN.loglik_and_grad with
+        sigma = 1: grad MSE_t = -2 / (dy n_t) grad loglik_t), an ordinary differentiable
+        expression, so the second-order meta-gradient needs one backward pass through it
+        instead of autograd.grad(create_graph=True). Tested against autograd and vmap."""
         check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
         T = ctx.x.shape[0]
         theta = self.theta0.expand(T, 1, -1)  # [T, 1, D]
+        one = torch.ones((), dtype=theta.dtype, device=theta.device)
+        scale = (-2.0 / (self.cfg.dy * ctx.counts.clamp(min=1))).to(theta.dtype).view(T, 1, 1)  # [T, 1, 1]
         second_order = torch.is_grad_enabled() and not self.cfg.first_order
         for _ in range(self.cfg.adapt_steps if steps is None else steps):
-            with torch.enable_grad():
-                th = theta if (second_order and theta.requires_grad) else theta.detach().requires_grad_(True)
-                inner = _masked_mean_sq(self.bnn(th, ctx.x), ctx).sum()  # tasks are independent
-                g, = torch.autograd.grad(inner, th, create_graph=second_order)  # [T, 1, D]
-            theta = theta - self.cfg.inner_lr * (g if second_order else g.detach())
+            with torch.set_grad_enabled(second_order):
+                _, g = self.bnn.loglik_and_grad(theta, ctx, one)  # [T, 1, D]
+            theta = theta - self.cfg.inner_lr * scale * g
         return theta  # [T, 1, D]; an empty context has zero gradient: no adaptation
 
     def loss(self, ctx: Batch, target: Batch, gen=None) -> torch.Tensor:
