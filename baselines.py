@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldvi_meta import (BNN, Batch, SetEncoder, _require, check_compatible, gaussian_loglik, mlp, random_subset,
-                       task_minibatch, train_loop)
+from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, BNN, Batch, SetEncoder, _require_fields,
+                       check_compatible, gaussian_loglik, mlp, random_subset, task_minibatch, train_loop)
 
 
 @dataclass
@@ -46,12 +46,9 @@ class TrainConfig:
     log_every: int = 100              # progress line on stderr every this many iterations (0: never)
 
     def __post_init__(self):
-        for name in ("iters", "min_context", "log_every"):
-            _require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
-        _require(self.tasks_per_batch >= 1, "tasks_per_batch", "an integer >= 1", self.tasks_per_batch)
-        for name in ("lr", "clip"):
-            v = getattr(self, name)
-            _require(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+        _require_fields(self, ("iters", "min_context", "log_every"), *INT_GE0)
+        _require_fields(self, ("tasks_per_batch",), *INT_GE1)
+        _require_fields(self, ("lr", "clip"), *POSITIVE)
 
 
 def _fit(method, data: Batch, gen: torch.Generator, name: str) -> list:
@@ -82,10 +79,8 @@ class MAMLConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         self.hidden = tuple(self.hidden)
-        _require(self.adapt_steps >= 0, "adapt_steps", "an integer >= 0", self.adapt_steps)
-        for name in ("inner_lr", "sigma_y"):
-            v = getattr(self, name)
-            _require(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+        _require_fields(self, ("adapt_steps",), *INT_GE0)
+        _require_fields(self, ("inner_lr", "sigma_y"), *POSITIVE)
 
 
 class MAML(nn.Module):
@@ -177,12 +172,9 @@ class BMAMLConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         self.hidden = tuple(self.hidden)
-        for name in ("particles", "chaser_steps"):
-            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
-        _require(self.leader_steps >= 0, "leader_steps", "an integer >= 0", self.leader_steps)
-        for name in ("svgd_lr", "sigma_y", "prior_std"):
-            v = getattr(self, name)
-            _require(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+        _require_fields(self, ("particles", "chaser_steps"), *INT_GE1)
+        _require_fields(self, ("leader_steps",), *INT_GE0)
+        _require_fields(self, ("svgd_lr", "sigma_y", "prior_std"), *POSITIVE)
 
 
 class BMAML(nn.Module):
@@ -246,9 +238,8 @@ class NPConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("z_dim", "hidden", "r_dim"):
-            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
-        _require(math.isfinite(self.min_std) and self.min_std > 0, "min_std", "a finite number > 0", self.min_std)
+        _require_fields(self, ("z_dim", "hidden", "r_dim"), *INT_GE1)
+        _require_fields(self, ("min_std",), *POSITIVE)
 
 
 class NeuralProcess(nn.Module):

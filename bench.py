@@ -115,12 +115,12 @@ def oracle_scores(test: lm.Batch, clean: torch.Tensor, noise: float):
 
 
 def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chunk: int):
-    """Median LMLHD and MSE per context size; chunks of tasks bound the memory."""
+    """Median LMLHD and MSE per context size; chunks of tasks bound the memory and keep tensors in cache."""
     out, t0 = {}, time.perf_counter()
     T = test.x.shape[0]
     for n in contexts:
         lp, err = [], []
-        for a in range(0, T, chunk):  # memory only: each chunk is one batched call
+        for a in range(0, T, chunk):  # each chunk is one batched call
             part = lm.Batch(test.x[a:a + chunk], test.y[a:a + chunk], test.mask[a:a + chunk])
             mean, std = model.predictive(lm.first_n(part, n), part.x, S, gen)
             lp.append(lm.log_predictive(mean, std, part))
@@ -273,7 +273,7 @@ def speed(args, device) -> dict:
     train, _, _ = make_tasks(sinusoid, 64, 16, 0.25, g)
     test, _, _ = make_tasks(sinusoid, args.test_tasks, args.test_points, 0.25, g)
     chunks = [lm.Batch(test.x[a:a + args.chunk], test.y[a:a + args.chunk], test.mask[a:a + args.chunk])
-              for a in range(0, test.x.shape[0], args.chunk)]  # memory only, as in evaluate
+              for a in range(0, test.x.shape[0], args.chunk)]  # as in evaluate
 
     def adapt_all(model):  # adaptation + prediction for every test task, context size 8
         return [model.predictive(lm.first_n(part, 8), part.x, args.samples, g) for part in chunks]
@@ -355,7 +355,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="meta-training iterations of every method (overrides)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds; report mean ± std")
-    p.add_argument("--chunk", type=int, default=32, help="test tasks per evaluation call (memory bound)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="test tasks per evaluation call (default max(1, 1024 // samples): on the CPU, "
+                        "small [tasks, samples, D] tensors that stay in cache are 2-4x faster)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON results (default results/<task>.json)")
     p.add_argument("--plot", default=None, help="PNG file with the predictive of every method")
@@ -368,7 +370,7 @@ def parse_args(argv=None):
     except ValueError:
         p.error(f"--contexts: expected comma-separated integers, got {args.contexts!r}")
     for name in ("meta_tasks", "points", "test_tasks", "test_points", "samples", "seeds", "chunk"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.K < 0:
         p.error(f"--K: expected an integer >= 0, got {args.K}")
@@ -393,6 +395,7 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     args.out = args.out or os.path.join("results", f"{args.task.replace(':', '_')}.json")
+    args.chunk = args.chunk or max(1, 1024 // args.samples)  # after --quick has set the samples
     return args
 
 
@@ -410,6 +413,7 @@ def main(argv=None):
     agg = aggregate(per_seed)
     config = dict(task=args.task, meta_tasks=args.meta_tasks, points=args.points, test_tasks=args.test_tasks,
                   test_points=args.test_points, noise=args.noise, contexts=args.contexts, samples=args.samples,
+                  chunk=args.chunk,
                   seeds=list(range(args.seed, args.seed + args.seeds)), device=str(device),
                   torch=torch.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                   methods={name: asdict(cfg) for name, (_, cfg) in method_configs(args).items()},

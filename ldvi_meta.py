@@ -84,20 +84,28 @@ class LDVIConfig:
     def __post_init__(self):
         self.hidden = tuple(self.hidden)
         _require(self.kernel in KERNELS, "kernel", f"one of {KERNELS}", self.kernel)
-        for name in ("dx", "dy", "enc_hidden", "enc_dim", "particles", "tasks_per_batch"):
-            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        _require_fields(self, ("dx", "dy", "enc_hidden", "enc_dim", "particles", "tasks_per_batch"), *INT_GE1)
         _require(all(w >= 1 for w in self.hidden), "hidden", "widths >= 1", self.hidden)
-        for name in ("K", "min_context", "iters", "log_every"):
-            _require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
-        for name in ("step_init", "prior_std_init", "sigma_y", "lr", "clip"):
-            v = getattr(self, name)
-            _require(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+        _require_fields(self, ("K", "min_context", "iters", "log_every"), *INT_GE0)
+        _require_fields(self, ("step_init", "prior_std_init", "sigma_y", "lr", "clip"), *POSITIVE)
         _require(0 <= self.refresh_init < 1, "refresh_init", "a number in [0, 1)", self.refresh_init)
 
 
 def _require(ok: bool, name: str, expected: str, got) -> None:
     if not ok:
         raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+# (predicate, what it expects) pairs for _require_fields
+INT_GE0 = (lambda v: v >= 0, "an integer >= 0")
+INT_GE1 = (lambda v: v >= 1, "an integer >= 1")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def _require_fields(obj, names, ok, expected: str) -> None:
+    """_require for several fields of a config that share one rule."""
+    for name in names:
+        _require(ok(getattr(obj, name)), name, expected, getattr(obj, name))
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +382,7 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
             # log B_k(u | u') - log F_k(u' | u); the Gaussian normalizers cancel
             log_w = log_w - _sq(u - back_mean) / (2 * (1 - a * a)) + 0.5 * _sq(eps)
             u = u_new
-    else:
+    elif K:  # underdamped (at K = 0 no momentum is drawn: both kernels are then one method)
         p = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)  # [T, P, D]
         for k in range(K):
             xi = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)

@@ -92,6 +92,16 @@ def test_reduction_to_mean_field(kernel, K, seed, tamed):
     assert torch.allclose(log_w, log_w_ref, atol=1e-10)
 
 
+def test_both_kernels_are_the_same_method_at_K0():
+    data = sinusoid_batch(3, 5, gen(1))
+    out = {}
+    for kernel in KERNELS:
+        g = gen(7)
+        theta, log_w = small_model(gen(0), K=0, kernel=kernel).sample(data, 6, g)
+        out[kernel] = (theta, log_w, torch.rand(3, generator=g))  # the generator is left in the same state
+    assert all(torch.equal(a, b) for a, b in zip(*out.values()))
+
+
 def test_model_with_K0_is_mean_field_vi():
     model = small_model(gen(0), K=0).double()
     with torch.no_grad():  # move q0 away from the prior so the test is not trivial
