@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, BNN, Batch, SetEncoder, _require_fields,
+from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, BNN, Batch, SetEncoder, _require, _require_fields,
                        check_compatible, gaussian_loglik, mlp, random_subset, task_minibatch, train_loop)
 
 
@@ -62,14 +62,25 @@ def _fit(method, data: Batch, gen: torch.Generator, name: str) -> list:
     return train_loop(method.parameters(), loss, cfg.iters, cfg.lr, cfg.clip, cfg.log_every, name)
 
 
+@dataclass
+class BNNTrainConfig(TrainConfig):
+    """TrainConfig plus the shape of the shared BNN (MAML and BMAML)."""
+    dx: int = 1                       # input dimension
+    dy: int = 1                       # output dimension
+    hidden: tuple = (40, 40)          # hidden widths of the network (ReLU)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.hidden = tuple(self.hidden)
+        _require_fields(self, ("dx", "dy"), *INT_GE1)
+        _require(all(w >= 1 for w in self.hidden), "hidden", "widths >= 1", self.hidden)
+
+
 # -----------------------------------------------------------------------------
 # MAML (Finn et al. 2017): one meta-learned initialization, inner SGD on the context
 
 @dataclass
-class MAMLConfig(TrainConfig):
-    dx: int = 1                       # input dimension
-    dy: int = 1                       # output dimension
-    hidden: tuple = (40, 40)          # hidden widths of the network (ReLU)
+class MAMLConfig(BNNTrainConfig):
     inner_lr: float = 0.01            # inner SGD step size
     adapt_steps: int = 5              # inner SGD steps (training and prediction)
     first_order: bool = False         # drop second-order terms of the meta-gradient
@@ -78,7 +89,6 @@ class MAMLConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.hidden = tuple(self.hidden)
         _require_fields(self, ("adapt_steps",), *INT_GE0)
         _require_fields(self, ("inner_lr", "sigma_y"), *POSITIVE)
 
@@ -158,10 +168,7 @@ def svgd_direction(theta: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class BMAMLConfig(TrainConfig):
-    dx: int = 1                       # input dimension
-    dy: int = 1                       # output dimension
-    hidden: tuple = (40, 40)          # hidden widths of the network (ReLU)
+class BMAMLConfig(BNNTrainConfig):
     particles: int = 10               # M particles per task
     svgd_lr: float = 1e-3             # SVGD step size alpha
     chaser_steps: int = 5             # n SVGD steps on the context (also at prediction)
@@ -171,7 +178,6 @@ class BMAMLConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.hidden = tuple(self.hidden)
         _require_fields(self, ("particles", "chaser_steps"), *INT_GE1)
         _require_fields(self, ("leader_steps",), *INT_GE0)
         _require_fields(self, ("svgd_lr", "sigma_y", "prior_std"), *POSITIVE)

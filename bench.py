@@ -114,14 +114,19 @@ def oracle_scores(test: lm.Batch, clean: torch.Tensor, noise: float):
     return lp, lm.mse(clean.unsqueeze(1), test)
 
 
+def task_chunks(batch: lm.Batch, chunk: int) -> list:
+    """Consecutive slices of `chunk` tasks: bound the memory and keep the [tasks, S, D] tensors in cache."""
+    return [lm.Batch(batch.x[a:a + chunk], batch.y[a:a + chunk], batch.mask[a:a + chunk])
+            for a in range(0, batch.x.shape[0], chunk)]
+
+
 def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chunk: int):
-    """Median LMLHD and MSE per context size; chunks of tasks bound the memory and keep tensors in cache."""
+    """Median LMLHD and MSE per context size, one batched call per chunk of tasks."""
     out, t0 = {}, time.perf_counter()
     T = test.x.shape[0]
     for n in contexts:
         lp, err = [], []
-        for a in range(0, T, chunk):  # each chunk is one batched call
-            part = lm.Batch(test.x[a:a + chunk], test.y[a:a + chunk], test.mask[a:a + chunk])
+        for part in task_chunks(test, chunk):
             mean, std = model.predictive(lm.first_n(part, n), part.x, S, gen)
             lp.append(lm.log_predictive(mean, std, part))
             err.append(lm.mse(mean, part))
@@ -272,8 +277,7 @@ def speed(args, device) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     train, _, _ = make_tasks(sinusoid, 64, 16, 0.25, g)
     test, _, _ = make_tasks(sinusoid, args.test_tasks, args.test_points, 0.25, g)
-    chunks = [lm.Batch(test.x[a:a + args.chunk], test.y[a:a + args.chunk], test.mask[a:a + args.chunk])
-              for a in range(0, test.x.shape[0], args.chunk)]  # as in evaluate
+    chunks = task_chunks(test, args.chunk)  # as in evaluate
 
     def adapt_all(model):  # adaptation + prediction for every test task, context size 8
         return [model.predictive(lm.first_n(part, 8), part.x, args.samples, g) for part in chunks]

@@ -306,6 +306,11 @@ def tame(score, h):
     return score / (1 + h * score.abs())
 
 
+def untamed(score, h):
+    """The plain drift field: grad l itself (the step size is unused)."""
+    return score
+
+
 def overdamped_step(u, drift_field, beta, h, eps):
     """F_k: u' = a u + (1 - a) beta g(u) + sqrt(1 - a^2) eps, a = exp(-h), g = grad l or tame(grad l, h).
 
@@ -315,10 +320,10 @@ def overdamped_step(u, drift_field, beta, h, eps):
     return torch.addcmul(drift, torch.sqrt(1 - a * a), eps)
 
 
-def underdamped_step(u, p, score, beta, h, c, xi, score_fn, field=lambda g, h: g):
+def underdamped_step(u, p, score, beta, h, c, xi, score_fn, field=untamed):
     """One split-Hamiltonian step: OU refresh, half kick, exact rotation, half kick.
 
-    The kicks use field(grad l, h) (identity or tame). Each kick is a shear and the rotation
+    The kicks use field(grad l, h) (untamed or tame). Each kick is a shear and the rotation
     is orthogonal, so the map after the refresh is volume preserving for any field.
     Returns (u, p, p_refreshed, value, score) at the new position; score_fn(u) gives the
     (value, grad l) pair there, which the next step reuses."""
@@ -367,7 +372,7 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
         value, grad = target(torch.addcmul(m.unsqueeze(1), s, u))
         return value, torch.addcmul(u, s, grad)
 
-    field = tame if tamed else (lambda g, h: g)
+    field = tame if tamed else untamed
     log_q0 = -0.5 * _sq(u0) - 0.5 * D * LOG_2PI - log_s.sum(-1, keepdim=True)  # [T, P]
     u = u0
     value, score = score_fn(u)
