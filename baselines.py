@@ -5,10 +5,14 @@ Baselines for amortized LDVI, on the same padded task batches and the same funct
   BMAML  M SVGD particles per task, meta-trained with the chaser loss [2, 3]
   NP     latent neural process with mean aggregation [4]
 
-Every method has the interface of ldvi_meta.LDVIMeta, so the benchmark treats all alike:
+Every method shares this part of ldvi_meta.LDVIMeta's interface, so the benchmark treats
+all alike:
   fit(data, gen)                         meta-train on a Batch of meta-training tasks
-  predictive(ctx, x_target, S, gen)      -> (mean [T, S, M, dy], std broadcastable to it),
-                                            an equal-weight mixture of S Gaussians per point
+  predictive(ctx, x_target, S, gen)      -> (mean [T, S', M, dy], std broadcastable to it),
+                                            an equal-weight mixture of S' Gaussians per point
+  save(path), cls.load(path)             one file with the config and the weights
+S' = S for the NP; MAML predicts with its one adapted network (S' = 1) and BMAML with its
+M particles (S' = M), whatever S. sample, elbo and iw_bound exist for ours only.
 Empty context sets work for every method (MAML: no adaptation; BMAML: the initial
 particles; NP: the learned empty-set representation).
 
@@ -21,6 +25,7 @@ References
       inference algorithm. NeurIPS 2016.
   [4] M. Garnelo, J. Schwarz, D. Rosenbaum, F. Viola, D. Rezende, S. M. A. Eslami,
       Y. W. Teh. Neural processes. ICML 2018 workshop, arXiv:1807.01622.
+  [5] S. Amari. Natural gradient works efficiently in learning. Neural Computation, 1998.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, BNN, Batch, SetEncoder, _require, _require_fields,
-                       check_compatible, gaussian_loglik, mlp, random_subset, task_minibatch, train_loop)
+from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, WIDTHS, BOOL, BNN, Batch, SaveLoad, SetEncoder, _is_real,
+                       _require, _require_fields, check_compatible, check_inputs, check_samples,
+                       check_training_data, finite, gaussian_loglik, mlp, random_subset, task_minibatch, train_loop)
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TrainConfig:
     """What every baseline's meta-training loop shares."""
     iters: int = 2000                 # meta-training iterations
     lr: float = 1e-3                  # Adam learning rate (outer loop)
+    lr_final: float = 1.0             # cosine decay of the learning rate to lr * lr_final (1: constant)
     tasks_per_batch: int = 16         # tasks per meta-training minibatch
     min_context: int = 1              # context sizes drawn uniformly in [min_context, N]
     clip: float = 10.0                # gradient-norm clipping threshold
@@ -49,17 +56,18 @@ class TrainConfig:
         _require_fields(self, ("iters", "min_context", "log_every"), *INT_GE0)
         _require_fields(self, ("tasks_per_batch",), *INT_GE1)
         _require_fields(self, ("lr", "clip"), *POSITIVE)
+        _require(_is_real(self.lr_final) and 0 < self.lr_final <= 1, "lr_final", "a number in (0, 1]", self.lr_final)
 
 
 def _fit(method, data: Batch, gen: torch.Generator, name: str) -> list:
     """Shared outer loop: random task minibatch, random context subset, targets = all points."""
     cfg = method.cfg
-    check_compatible(data, cfg.dx, cfg.dy, method.dtype_ref, "data")
+    data = check_training_data(data, cfg.dx, cfg.dy, method.dtype_ref, cfg.min_context)
 
     def loss(it):
         batch = task_minibatch(data, cfg.tasks_per_batch, gen)
         return method.loss(random_subset(batch, gen, cfg.min_context), batch, gen)
-    return train_loop(method.parameters(), loss, cfg.iters, cfg.lr, cfg.clip, cfg.log_every, name)
+    return train_loop(method.parameters(), loss, cfg.iters, cfg.lr, cfg.clip, cfg.log_every, name, cfg.lr_final)
 
 
 @dataclass
@@ -71,9 +79,9 @@ class BNNTrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _require_fields(self, ("hidden",), *WIDTHS)
         self.hidden = tuple(self.hidden)
         _require_fields(self, ("dx", "dy"), *INT_GE1)
-        _require(all(w >= 1 for w in self.hidden), "hidden", "widths >= 1", self.hidden)
 
 
 # -----------------------------------------------------------------------------
@@ -91,11 +99,15 @@ class MAMLConfig(BNNTrainConfig):
         super().__post_init__()
         _require_fields(self, ("adapt_steps",), *INT_GE0)
         _require_fields(self, ("inner_lr", "sigma_y"), *POSITIVE)
+        _require_fields(self, ("first_order", "learn_sigma_y"), *BOOL)
 
 
-class MAML(nn.Module):
+class MAML(SaveLoad, nn.Module):
+    Config = MAMLConfig
+
     def __init__(self, cfg: MAMLConfig, gen: torch.Generator):
         super().__init__()
+        _require(isinstance(cfg, MAMLConfig), "cfg", "a MAMLConfig", cfg)
         self.cfg = cfg
         self.bnn = BNN(cfg.dx, cfg.dy, cfg.hidden)
         self.theta0 = nn.Parameter(self.bnn.init(gen))  # [D]
@@ -113,7 +125,7 @@ class MAML(nn.Module):
         sigma = 1: grad MSE_t = -2 / (dy n_t) grad loglik_t), an ordinary differentiable
         expression, so the second-order meta-gradient needs one backward pass through it
         instead of autograd.grad(create_graph=True). Tested against autograd and vmap."""
-        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
         T = ctx.x.shape[0]
         theta = self.theta0.expand(T, 1, -1)  # [T, 1, D]
         one = torch.ones((), dtype=theta.dtype, device=theta.device)
@@ -134,10 +146,12 @@ class MAML(nn.Module):
         return _fit(self, data, gen, "maml")
 
     def predictive(self, ctx: Batch, x_target, S: int = 1, gen=None):
-        """A point estimate: one component, whatever S (S is accepted for the shared interface)."""
+        """A point estimate: one component, whatever S (S is checked, for the shared interface)."""
+        ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        x_target, _ = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
         with torch.no_grad():
             theta = self.adapt(ctx)
-            return self.bnn(theta, x_target), self.log_sigma_y.exp()  # [T, 1, M, dy]
+            return finite(self.bnn(theta, x_target), "MAML predictive"), self.log_sigma_y.exp()  # [T, 1, M, dy]
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +184,7 @@ def svgd_direction(theta: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BMAMLConfig(BNNTrainConfig):
     particles: int = 10               # M particles per task
-    svgd_lr: float = 1e-3             # SVGD step size alpha
+    svgd_lr: float = 0.016            # SVGD step alpha in units of sigma_y^2: step = alpha sigma_y^2 phi
     chaser_steps: int = 5             # n SVGD steps on the context (also at prediction)
     leader_steps: int = 1             # s further SVGD steps on context + target
     sigma_y: float = 0.25             # fixed likelihood noise std of the SVGD target
@@ -183,9 +197,12 @@ class BMAMLConfig(BNNTrainConfig):
         _require_fields(self, ("svgd_lr", "sigma_y", "prior_std"), *POSITIVE)
 
 
-class BMAML(nn.Module):
+class BMAML(SaveLoad, nn.Module):
+    Config = BMAMLConfig
+
     def __init__(self, cfg: BMAMLConfig, gen: torch.Generator):
         super().__init__()
+        _require(isinstance(cfg, BMAMLConfig), "cfg", "a BMAMLConfig", cfg)
         self.cfg = cfg
         self.bnn = BNN(cfg.dx, cfg.dy, cfg.hidden)
         self.theta0 = nn.Parameter(torch.stack([self.bnn.init(gen) for _ in range(cfg.particles)]))  # [M, D]
@@ -201,10 +218,15 @@ class BMAML(nn.Module):
         return g - theta / self.cfg.prior_std ** 2
 
     def svgd(self, theta: torch.Tensor, data: Batch, steps: int) -> torch.Tensor:
-        """steps SVGD updates theta <- theta + alpha phi(theta); tasks with an empty data set stay put."""
+        """steps SVGD updates theta <- theta + alpha sigma_y^2 phi(theta); tasks with an empty data
+        set stay put. The score grows like 1 / sigma_y^2 (the Fisher information of a Gaussian
+        likelihood), so a step proportional to sigma_y^2 -- the scale a natural-gradient step
+        would take [5] -- moves particles alike at every noise level; a fixed step diverged at
+        sigma_y = 0.1. At sigma_y = 0.25 the default alpha gives the published 1e-3."""
         move = (data.counts > 0).to(theta.dtype).view(-1, 1, 1)  # [T, 1, 1]
+        step = self.cfg.svgd_lr * self.cfg.sigma_y ** 2
         for _ in range(steps):
-            theta = theta + self.cfg.svgd_lr * move * svgd_direction(theta, self.score(theta, data))
+            theta = theta + step * move * svgd_direction(theta, self.score(theta, data))
         return theta
 
     def initial(self, T: int) -> torch.Tensor:
@@ -212,7 +234,7 @@ class BMAML(nn.Module):
 
     def loss(self, ctx: Batch, target: Batch, gen=None) -> torch.Tensor:
         """Chaser loss: sum_m |chaser_m - stopgrad(leader_m)|^2, averaged over tasks."""
-        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
         chaser = self.svgd(self.initial(ctx.x.shape[0]), ctx, self.cfg.chaser_steps)  # [T, M, D]
         with torch.no_grad():
             leader = self.svgd(chaser.detach(), target, self.cfg.leader_steps)
@@ -222,12 +244,13 @@ class BMAML(nn.Module):
         return _fit(self, data, gen, "bmaml")
 
     def predictive(self, ctx: Batch, x_target, S: int = 1, gen=None):
-        """Equal-weight mixture over the M adapted particles (S is accepted, M is used)."""
-        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        """Equal-weight mixture over the M adapted particles (S is checked, M is used)."""
+        ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.theta0)
+        x_target, _ = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
         with torch.no_grad():
             theta = self.svgd(self.initial(ctx.x.shape[0]), ctx, self.cfg.chaser_steps)
             sy = torch.tensor(self.cfg.sigma_y, dtype=theta.dtype, device=theta.device)
-            return self.bnn(theta, x_target), sy  # [T, M, M_target, dy]
+            return finite(self.bnn(theta, x_target), "BMAML predictive"), sy  # [T, M, M_target, dy]
 
 
 # -----------------------------------------------------------------------------
@@ -248,12 +271,15 @@ class NPConfig(TrainConfig):
         _require_fields(self, ("min_std",), *POSITIVE)
 
 
-class NeuralProcess(nn.Module):
+class NeuralProcess(SaveLoad, nn.Module):
     """q(z | C) = N(mu(r), sigma(r)^2), r the masked mean of per-point features (the same
     DeepSets encoder as ours, with its learned empty-set vector); decoder p(y | x, z)."""
 
+    Config = NPConfig
+
     def __init__(self, cfg: NPConfig, gen: torch.Generator):
         super().__init__()
+        _require(isinstance(cfg, NPConfig), "cfg", "an NPConfig", cfg)
         self.cfg = cfg
         self.encoder = SetEncoder(cfg.dx, cfg.dy, cfg.z_dim, gen, cfg.hidden, cfg.r_dim)
         self.decoder = mlp([cfg.dx + cfg.z_dim, cfg.hidden, cfg.hidden, cfg.hidden, 2 * cfg.dy], gen)
@@ -282,7 +308,7 @@ class NeuralProcess(nn.Module):
         """-[E_{q(z|T)} log p(y_T | x_T, z) - KL(q(z | T) || q(z | C))], per target point.
 
         The target set contains the context (the protocol's targets are all points)."""
-        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
+        ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
         mu_t, ls_t = self.posterior(target)
         mu_c, ls_c = self.posterior(ctx)
         z = self._sample_z(mu_t, ls_t, 1, gen)                           # [T, 1, z]
@@ -295,7 +321,9 @@ class NeuralProcess(nn.Module):
         return _fit(self, data, gen, "np")
 
     def predictive(self, ctx: Batch, x_target, S: int, gen: torch.Generator):
-        check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
+        ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
+        x_target, S = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
         with torch.no_grad():
             mu, log_std = self.posterior(ctx)
-            return self.decode(self._sample_z(mu, log_std, S, gen), x_target)
+            mean, std = self.decode(self._sample_z(mu, log_std, S, gen), x_target)
+            return finite(mean, "NP predictive"), finite(std, "NP predictive std")

@@ -1,19 +1,36 @@
 """
-The benchmark table: amortized LDVI against MAML, BMAML and the Neural Process.
+The benchmark table: amortized LDVI against MAML, BMAML and the Neural Process, measured
+against the Bayes-optimal predictive and, optionally, an HMC gold standard.
 
-    python bench.py --task sinusoid            # the default run (about 15 min on 2 CPU cores)
+    python bench.py --task sinusoid            # the default run (about 30 min on 2 CPU cores)
     python bench.py --task linesine --plot results/linesine.png
-    python bench.py --task sinusoid --quick    # smoke run, under 30 s
+    python bench.py --methods LDVI-overdamped,NP --gold 16
+    python bench.py --task sinusoid --quick    # smoke run, under a minute; never writes into results/
     python bench.py --speed                    # throughput and scaling of every method
 
-Protocol (DESIGN.md section 5, after Volpp et al., ICLR 2023 [1]): x ~ U[-5, 5], Gaussian
-noise std 0.25; 64 meta-training tasks x 16 points; 256 test tasks x 64 points; the
-context is the first n points of a test task and the target all 64 points; LMLHD per task =
-logsumexp_s sum_n log N(y_n; f_s(x_n), sigma_s^2) - log S, and MSE of the mixture mean, both
-reported as medians over test tasks. Every default is a flag, so other protocols can be run.
+Protocol (after Volpp et al., ICLR 2023 [1]): x ~ U[-5, 5], Gaussian noise std 0.25; 64
+meta-training tasks x 16 points; 256 test tasks x 64 points; the context is the first n
+points of a test task and the targets are all 64 points (the context included). Per test
+task and context size n:
+  LMLHD = logsumexp_s sum_m log N(y_m; f_s(x_m), sigma_s^2) - log S, the log marginal
+          predictive likelihood of the 64 targets under the method's equal-weight mixture
+          of S = 1024 predictive components (posterior samples);
+  MSE   = mean over the targets of (mixture mean - y)^2.
+Tables report the median over test tasks (LMLHD per task, and per point in brackets).
+Every default is a flag, so other protocols can be run.
+
+Reference rows (not learned):
+  Bayes-optimal     log p(y_all | y_C) under the TRUE task distribution (exact; tasks.py):
+                    the ceiling for anything that sees only the context;
+  Bayes, S draws    the same LMLHD estimator fed S exact posterior draws: what a perfect
+                    sampler scores at finite S;
+  oracle            the true function with the true noise (knows the task itself).
+--gold N adds, for each trained LDVI model, a Metropolis-corrected HMC on the same model's
+posterior for the first N test tasks: ours - gold is the inference gap, gold - Bayes the
+model gap.
 
 A task family of your own is a function family(T, gen) -> f that draws T tasks and returns
-f: x [T, M, 1] -> noise-free y [T, M, 1]. Register it in TASKS, or pass --task module:function.
+f: x [T, M, 1] -> noise-free y [T, M, 1]. Pass --task module:function.
 
 [1] M. Volpp, P. Dahlinger, P. Becker, C. Daniel, G. Neumann. Accurate Bayesian
     meta-learning by accurate task posterior inference. ICLR 2023.
@@ -21,11 +38,13 @@ f: x [T, M, 1] -> noise-free y [T, M, 1]. Register it in TASKS, or pass --task m
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -35,73 +54,39 @@ import torch
 
 import baselines as bl
 import ldvi_meta as lm
+from tasks import TASKS, bayes_optimal, linesine, make_tasks, sinusoid  # noqa: F401 (re-exported)
 
-
-# -----------------------------------------------------------------------------
-# task families: family(T, gen) -> f, f maps x [T, M, 1] to the noise-free y [T, M, 1]
-
-def sinusoid(T: int, gen: torch.Generator):
-    """y = A sin(x + phi), A ~ U[0.1, 5], phi ~ U[0, pi]."""
-    amp = 0.1 + 4.9 * torch.rand(T, 1, 1, generator=gen, device=gen.device)
-    phase = math.pi * torch.rand(T, 1, 1, generator=gen, device=gen.device)
-    return lambda x: amp * torch.sin(x + phase)
-
-
-def linesine(T: int, gen: torch.Generator):
-    """With probability 1/2 the sinusoid, else y = a x + b with a, b ~ U[-3, 3]."""
-    sine = sinusoid(T, gen)
-    is_line = torch.rand(T, 1, 1, generator=gen, device=gen.device) < 0.5
-    a, b = (6 * torch.rand(2, T, 1, 1, generator=gen, device=gen.device) - 3).unbind(0)
-    return lambda x: torch.where(is_line, a * x + b, sine(x))
-
-
-TASKS = {"sinusoid": sinusoid, "linesine": linesine}
-
-
-def resolve_task(name: str):
-    """A registered family, or 'module:function' importable from the working directory."""
-    if name in TASKS:
-        return TASKS[name]
-    if ":" in name:
-        module, func = name.split(":", 1)
-        sys.path.insert(0, os.getcwd())
-        try:
-            return getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"--task {name}: cannot import it ({e})") from None
-    raise ValueError(f"--task: expected one of {sorted(TASKS)} or module:function, got {name!r}")
-
-
-def make_tasks(family, T: int, N: int, noise: float, gen: torch.Generator):
-    """T tasks of N points, x ~ U[-5, 5]: (Batch with noisy y, noise-free f(x))."""
-    f = family(T, gen)
-    x = 10 * torch.rand(T, N, 1, generator=gen, device=gen.device) - 5           # [T, N, 1]
-    clean = f(x)                                                                  # [T, N, 1]
-    if clean.shape != (T, N, 1):
-        raise ValueError(f"task family: f(x) must have shape {(T, N, 1)}, got {tuple(clean.shape)}")
-    y = clean + noise * torch.randn(T, N, 1, generator=gen, device=gen.device)
-    return lm.make_batch(x, y, name="tasks"), clean, f
+RESULTS = "results"
 
 
 # -----------------------------------------------------------------------------
 # the methods, with the benchmark's settings
 
-def method_configs(args):
-    """name -> (constructor, config); the same iterations budget for ours and its ablation."""
+def method_configs(args) -> dict:
+    """name -> (class, config). Ours: K steps, r-dimensional task latent, sigma_y fixed at the
+    true noise (a learned sigma_y absorbs misfit as noise); MAML and NP learn their noise."""
     it = args.iters
-    # sigma_y fixed at the true noise for ours and BMAML (a learned sigma_y drifted to ~1 within our
-    # training budget: the ELBO explained the data as noise); MAML and NP learn theirs.
-    ldvi = dict(K=args.K, iters=it["ldvi"], lr=3e-3, step_init=0.05, particles=16, tasks_per_batch=16,
-                sigma_y=args.noise, learn_sigma_y=False)
+    ldvi = dict(K=args.K, latent=args.latent, iters=it["ldvi"], lr=3e-3, step_init=0.05, particles=16,
+                tasks_per_batch=16, sigma_y=args.noise, learn_sigma_y=False)
     return {
         "LDVI-underdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="underdamped", **ldvi)),
         "LDVI-overdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **ldvi)),
-        "LDVI K=0 (amortized MFVI)": (lm.LDVIMeta, lm.LDVIConfig(**{**ldvi, "K": 0})),
+        "LDVI-K0": (lm.LDVIMeta, lm.LDVIConfig(**{**ldvi, "K": 0})),
+        "LDVI-diagonal": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **{**ldvi, "latent": 0})),
         "NP": (bl.NeuralProcess, bl.NPConfig(iters=it["np"], lr=1e-3)),
         "MAML": (bl.MAML, bl.MAMLConfig(iters=it["maml"], lr=1e-3, adapt_steps=5, inner_lr=0.01)),
         "BMAML": (bl.BMAML, bl.BMAMLConfig(iters=it["bmaml"], lr=1e-3, particles=10, chaser_steps=5,
-                                           leader_steps=1, svgd_lr=1e-3, sigma_y=args.noise)),
+                                           leader_steps=1, sigma_y=args.noise)),
     }
+
+
+METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-diagonal", "NP", "MAML", "BMAML")
+DESCRIPTION = {
+    "LDVI-underdamped": "ours: structured prior (r-dim task latent), underdamped kernel",
+    "LDVI-overdamped": "ours: structured prior, overdamped kernel",
+    "LDVI-K0": "ours with K = 0: amortized mean-field VI, structured prior",
+    "LDVI-diagonal": "ours with the diagonal prior (r = 0), overdamped kernel: ablation",
+}
 
 
 def n_params(model) -> int:
@@ -120,64 +105,170 @@ def task_chunks(batch: lm.Batch, chunk: int) -> list:
             for a in range(0, batch.x.shape[0], chunk)]
 
 
-def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chunk: int):
-    """Median LMLHD and MSE per context size, one batched call per chunk of tasks."""
+def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chunk: int, name: str = ""):
+    """Per-task LMLHD and MSE [T] for every context size, one batched call per chunk of tasks;
+    returns ({n: (lmlhd, mse)}, ms per task). Progress with an ETA on stderr."""
     out, t0 = {}, time.perf_counter()
     T = test.x.shape[0]
-    for n in contexts:
+    for i, n in enumerate(contexts):
         lp, err = [], []
         for part in task_chunks(test, chunk):
             mean, std = model.predictive(lm.first_n(part, n), part.x, S, gen)
             lp.append(lm.log_predictive(mean, std, part))
             err.append(lm.mse(mean, part))
-        lp, err = torch.cat(lp), torch.cat(err)
-        if not (torch.isfinite(lp).all() and torch.isfinite(err).all()):
-            raise FloatingPointError(f"non-finite predictive scores at context size {n}")
-        out[n] = dict(lmlhd=lp.median().item(), mse=err.median().item())
-    ms_per_task = (time.perf_counter() - t0) * 1e3 / (len(contexts) * T)
-    return out, ms_per_task
+        out[n] = (torch.cat(lp), torch.cat(err))
+        if not (torch.isfinite(out[n][0]).all() and torch.isfinite(out[n][1]).all()):
+            raise FloatingPointError(f"{name}: non-finite predictive scores at context size {n}")
+        el = time.perf_counter() - t0
+        if name:
+            print(f"[bench] {name}: evaluated n = {n} ({i + 1}/{len(contexts)}), {el:.0f}s, "
+                  f"eta {el / (i + 1) * (len(contexts) - i - 1):.0f}s", file=sys.stderr, flush=True)
+    return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * T)
 
 
-def run_seed(args, family, seed: int, device):
-    """Data, training and evaluation of every method for one seed."""
+def medians(per_task: dict) -> dict:
+    return {n: dict(lmlhd=lp.median().item(), mse=err.median().item()) for n, (lp, err) in per_task.items()}
+
+
+# -----------------------------------------------------------------------------
+# the gold standard: HMC on a trained LDVI model's own posterior
+
+class Gold:
+    """predictive() of a trained LDVIMeta with the diffusion replaced by a long batched HMC
+    (chains started from the prior, mass matrix from q0's scales, step size adapted in
+    warm-up); S draws are taken evenly from the kept part of all chains."""
+
+    def __init__(self, model: lm.LDVIMeta, chains: int, warmup: int, draws: int, n_leapfrog: int, name: str):
+        self.model, self.chains, self.warmup, self.draws, self.n_leapfrog = model, chains, warmup, draws, n_leapfrog
+        self.name, self.stats = name, {}
+
+    def predictive(self, ctx: lm.Batch, x_target, S: int, gen: torch.Generator):
+        model = self.model
+        ctx = model.check(ctx)
+        n = int(ctx.counts.max())
+        with torch.no_grad():
+            m, log_s = model.q0(ctx)                                                 # [T, r + D]
+            v0 = model.sample_prior(ctx.x.shape[0], self.chains, gen)                # [T, C, r + D]
+            v, values, acc = lm.hmc(model.target(ctx), v0, (2 * log_s).exp().unsqueeze(1), gen, self.warmup,
+                                    self.draws, self.n_leapfrog, progress=f"{self.name} gold n={n}")
+            T, C, N, Dv = v.shape
+            keep = torch.linspace(0, C * N - 1, S).round().long()                    # S of the C * N draws
+            v = v.transpose(1, 2).reshape(T, N * C, Dv)[:, keep]                     # [T, S, r + D]
+            self.stats[n] = dict(accept=acc.tolist(), rhat=lm.split_rhat(values).tolist())
+            return lm.finite(model.bnn(model.theta(v), x_target), "gold"), model.sigma_y
+
+
+# -----------------------------------------------------------------------------
+# one seed: data, reference rows, then every method (a failure becomes a row)
+
+def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
+    """Rows for one seed. `done` holds rows already finished (--resume); save_partial(rows) is
+    called after every method so that finished numbers survive a later failure."""
     g = lambda k: torch.Generator(device=device).manual_seed(1000 * seed + k)  # noqa: E731
-    train, _, _ = make_tasks(family, args.meta_tasks, args.points, args.noise, g(1))
-    test, clean, f_true = make_tasks(family, args.test_tasks, args.test_points, args.noise, g(2))
-    ora_lp, ora_mse = oracle_scores(test, clean, args.noise)
-    rows = {"oracle": dict(scores={n: dict(lmlhd=ora_lp.median().item(), mse=ora_mse.median().item())
-                                   for n in args.contexts}, train_s=0.0, ms_per_task=0.0, params=0)}
-    models = {}
-    for name, (cls, cfg) in method_configs(args).items():
-        cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
-        model = cls(cfg, torch.Generator().manual_seed(1000 * seed + 3)).to(device)
+    train, _, _ = make_tasks(args.family, args.meta_tasks, args.points, args.noise, g(1))
+    test, clean, f_true = make_tasks(args.family, args.test_tasks, args.test_points, args.noise, g(2))
+    rows, models, per_task = dict(done), {}, {}
+    if "oracle" not in rows:
+        ora_lp, ora_mse = oracle_scores(test, clean, args.noise)
+        rows["oracle"] = dict(status="ok", scores={n: dict(lmlhd=ora_lp.median().item(), mse=ora_mse.median().item())
+                                                   for n in args.contexts}, train_s=0.0, ms_per_task=0.0, params=0)
+    if args.task in TASKS and "Bayes-optimal" not in rows:
         t0 = time.perf_counter()
-        print(f"[bench] seed {seed}: training {name}", file=sys.stderr, flush=True)
-        model.fit(train, g(4))
-        train_s = time.perf_counter() - t0
-        print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
-        scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk)
-        rows[name] = dict(scores=scores, train_s=train_s, ms_per_task=ms, params=n_params(model))
-        models[name] = model
-    if args.plot and seed == args.seed:
+        print(f"[bench] seed {seed}: Bayes-optimal rows", file=sys.stderr, flush=True)
+        bayes = bayes_optimal(test, args.contexts, args.noise, args.task, args.samples, torch.Generator().manual_seed(
+            1000 * seed + 7), draws=args.bayes_draws)
+        ms = (time.perf_counter() - t0) * 1e3 / (len(args.contexts) * args.test_tasks)
+        for row, (lk, mk) in (("Bayes-optimal", ("exact", "exact_mse")), ("Bayes, S draws", ("draws", "draws_mse"))):
+            rows[row] = dict(status="ok", train_s=0.0, ms_per_task=ms, params=0,
+                             scores={n: dict(lmlhd=d[lk].median().item(), mse=d[mk].median().item())
+                                     for n, d in bayes.items()})
+        per_task["Bayes-optimal"] = {n: d["exact"] for n, d in bayes.items()}
+        save_partial(rows)
+    for name in args.methods:
+        if name in rows and rows[name]["status"] == "ok" and not args.gold:
+            print(f"[bench] seed {seed}: {name} reused from the partial results (--resume)", file=sys.stderr)
+            continue
+        cls, cfg = method_configs(args)[name]
+        cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
+        path = lambda d: os.path.join(d, f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")  # noqa: E731
+        try:
+            t0 = time.perf_counter()
+            if args.load_dir or (args.resume and args.save_dir and os.path.exists(path(args.save_dir))):
+                src = path(args.load_dir or args.save_dir)
+                print(f"[bench] seed {seed}: loading {name} from {src}", file=sys.stderr, flush=True)
+                model = cls.load(src, device)
+            else:
+                model = cls(cfg, torch.Generator().manual_seed(1000 * seed + 3)).to(device)
+                print(f"[bench] seed {seed}: training {name}", file=sys.stderr, flush=True)
+                model.fit(train, g(4))
+                if args.save_dir:
+                    model.save(path(args.save_dir))
+            train_s = time.perf_counter() - t0
+            print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
+            scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name)
+            rows[name] = dict(status="ok", scores=medians(scores), train_s=train_s, ms_per_task=ms,
+                              params=n_params(model), config=asdict(model.cfg))
+            models[name], per_task[name] = model, {n: lp for n, (lp, _) in scores.items()}
+        except Exception as e:  # noqa: BLE001 -- any failure of one method becomes its row
+            msg = f"{type(e).__name__}: {e}"
+            print(f"[bench] seed {seed}: {name} FAILED: {msg}", file=sys.stderr, flush=True)
+            rows[name] = dict(status="failed", error=msg)
+        save_partial(rows)
+    if args.gold:
+        gold_rows(args, rows, models, per_task, test, g(8), seed)
+        save_partial(rows)
+    if args.plot and seed == args.seed and models:
         plot(args.plot, models, test, f_true, args, g(6))
     return rows
 
 
+def gold_rows(args, rows, models, per_task, test, gen, seed):
+    """For each trained LDVI model: a gold row on the first N test tasks and the inference gap."""
+    sub = lm.Batch(test.x[:args.gold], test.y[:args.gold], test.mask[:args.gold])
+    contexts = [n for n in args.contexts if n >= 1]
+    for name, model in models.items():
+        if not isinstance(model, lm.LDVIMeta):
+            continue
+        gold = Gold(model, **args.hmc, name=f"seed {seed} {name}")
+        try:
+            t0 = time.perf_counter()
+            scores, ms = evaluate(gold, sub, contexts, args.samples, gen, args.gold, f"{name} gold")
+        except Exception as e:  # noqa: BLE001
+            rows[f"gold: {name}"] = dict(status="failed", error=f"{type(e).__name__}: {e}")
+            continue
+        ours = {n: per_task[name][n][:args.gold] for n in contexts}
+        bayes = per_task.get("Bayes-optimal")
+        rows[f"gold: {name}"] = dict(
+            status="ok", scores=medians(scores), train_s=time.perf_counter() - t0, ms_per_task=ms, params=0,
+            tasks=args.gold, hmc=dict(args.hmc), convergence={str(n): s for n, s in gold.stats.items()},
+            inference_gap={n: (ours[n] - scores[n][0]).median().item() for n in contexts},
+            model_gap=({n: (scores[n][0] - bayes[n][:args.gold]).median().item() for n in contexts} if bayes else None),
+            ours_on_gold_tasks={n: ours[n].median().item() for n in contexts})
+
+
 # -----------------------------------------------------------------------------
-# output: Markdown table, JSON (atomic), plot
+# output: Markdown tables, JSON (atomic), plot
 
 def aggregate(per_seed: list) -> dict:
-    """mean and std over seeds of every number of every row."""
+    """mean and std over seeds of every number of every row that succeeded on every seed."""
     def stats(vals):
         t = torch.tensor(vals, dtype=torch.float64)
         return dict(mean=t.mean().item(), std=t.std().item() if len(vals) > 1 else 0.0)
     agg = {}
-    for name, first in per_seed[0].items():
-        agg[name] = dict(
-            scores={n: {k: stats([r[name]["scores"][n][k] for r in per_seed]) for k in ("lmlhd", "mse")}
-                    for n in first["scores"]},
-            **{k: stats([r[name][k] for r in per_seed]) for k in ("train_s", "ms_per_task")},
-            params=first["params"])
+    for name in dict.fromkeys(k for rows in per_seed for k in rows):
+        runs = [rows.get(name, dict(status="missing")) for rows in per_seed]
+        bad = [r for r in runs if r["status"] != "ok"]
+        if bad:
+            agg[name] = dict(status="failed", error=bad[0].get("error", "did not run"))
+            continue
+        first = runs[0]
+        agg[name] = dict(status="ok", params=first["params"],
+                         scores={n: {k: stats([r["scores"][n][k] for r in runs]) for k in ("lmlhd", "mse")}
+                                 for n in first["scores"]},
+                         **{k: stats([r[k] for r in runs]) for k in ("train_s", "ms_per_task")})
+        for key in ("inference_gap", "model_gap", "ours_on_gold_tasks"):
+            if first.get(key):
+                agg[name][key] = {n: stats([r[key][n] for r in runs]) for n in first[key]}
     return agg
 
 
@@ -187,32 +278,65 @@ def fmt(s: dict, digits: int, scale: float = 1.0) -> str:
 
 
 def table(agg: dict, contexts, test_points: int) -> str:
-    head = (["method"] + [f"LMLHD n={n}" for n in contexts] + [f"MSE n={n}" for n in contexts]
-            + ["train s", "ms/task", "params"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in agg.items():
-        cells = [name]
-        cells += [f"{fmt(r['scores'][n]['lmlhd'], 2)} ({fmt(r['scores'][n]['lmlhd'], 3, test_points)})"
-                  for n in contexts]
-        cells += [fmt(r["scores"][n]["mse"], 3) for n in contexts]
-        cells += [fmt(r["train_s"], 0), fmt(r["ms_per_task"], 2), str(r["params"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The LMLHD table (per task, per point in brackets) and the MSE table, one row per method."""
+    def lines(head, cells_of):
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, r in agg.items():
+            if name.startswith("gold: "):
+                continue
+            cells = cells_of(r) if r["status"] == "ok" else [f"FAILED: {r['error'][:80]}"] + [""] * (len(head) - 2)
+            out.append("| " + " | ".join([name] + cells) + " |")
+        return "\n".join(out)
+    lmlhd = lines(["method"] + [f"n={n}" for n in contexts] + ["train s", "ms/task", "params"],
+                  lambda r: [f"{fmt(r['scores'][n]['lmlhd'], 2)} ({fmt(r['scores'][n]['lmlhd'], 3, test_points)})"
+                             for n in contexts] + [fmt(r["train_s"], 0), fmt(r["ms_per_task"], 2), str(r["params"])])
+    mse = lines(["method"] + [f"n={n}" for n in contexts], lambda r: [fmt(r["scores"][n]["mse"], 3) for n in contexts])
+    text = f"LMLHD, median over test tasks, per task (per point); higher is better\n\n{lmlhd}\n\n" \
+           f"MSE of the predictive mean, median over test tasks; lower is better\n\n{mse}"
+    if "Bayes-optimal" in agg and agg["Bayes-optimal"]["status"] == "ok":
+        ceil = agg["Bayes-optimal"]["scores"]
+        gap = lines(["method"] + [f"n={n}" for n in contexts],
+                    lambda r: [f"{r['scores'][n]['lmlhd']['mean'] - ceil[n]['lmlhd']['mean']:.2f}" for n in contexts])
+        text += f"\n\nDistance to the Bayes-optimal ceiling: median LMLHD - ceiling, per task (0 is perfect)\n\n{gap}"
+    gold = {k: r for k, r in agg.items() if k.startswith("gold: ")}
+    if gold:
+        ns = [n for n in contexts if n >= 1]
+        head = ["gold standard (HMC)"] + [f"n={n}" for n in ns]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k, r in gold.items():
+            if r["status"] != "ok":
+                rows.append(f"| {k} | FAILED: {r['error'][:80]} |")
+                continue
+            rows.append("| " + " | ".join([f"{k}: LMLHD"] + [fmt(r["scores"][n]["lmlhd"], 2) for n in ns]) + " |")
+            rows.append("| " + " | ".join([f"{k[6:]} on the same tasks"] + [fmt(r["ours_on_gold_tasks"][n], 2)
+                                                                           for n in ns]) + " |")
+            rows.append("| " + " | ".join(["inference gap: ours - gold"] + [fmt(r["inference_gap"][n], 2)
+                                                                             for n in ns]) + " |")
+            if r.get("model_gap"):
+                rows.append("| " + " | ".join(["model gap: gold - Bayes-optimal"] + [fmt(r["model_gap"][n], 2)
+                                                                                      for n in ns]) + " |")
+        text += "\n\nGold standard on the first test tasks (medians over those tasks)\n\n" + "\n".join(rows)
+    return text
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write whole or not at all: a temporary file in the same folder, then rename."""
+def write_atomic(path: str, write, mode: str = "w") -> None:
+    """Write whole or not at all: a temporary file in the same folder (same suffix), then rename.
+    An interruption (Ctrl-C included) removes the temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
+        with os.fdopen(fd, mode) as fh:
+            write(fh, tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is for everyone to read
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_atomic(path, lambda fh, _: json.dump(obj, fh, indent=1))
 
 
 def plot(path: str, models: dict, test: lm.Batch, f_true, args, gen) -> None:
@@ -253,14 +377,13 @@ def plot(path: str, models: dict, test: lm.Batch, f_true, args, gen) -> None:
                 if k * len(sizes) + j == 0:
                     ax.set_ylabel(name, fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=80)
-    os.replace(path + ".tmp.png", path)
+    fmt_ = os.path.splitext(path)[1][1:].lower()
+    write_atomic(path, lambda fh, tmp: fig.savefig(fh, format=fmt_, dpi=80), mode="wb")
     plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
-# --speed: throughput of every method and how ours scales
+# --speed: throughput of every method, how ours scales, and the BNN against a large GEMM
 
 def speed(args, device) -> dict:
     def timed(fn, reps=3):
@@ -284,7 +407,21 @@ def speed(args, device) -> dict:
     out = dict(device=str(device), machine=f"{platform.machine()}, {os.cpu_count()} CPUs", torch=torch.__version__,
                adapt_setting=dict(test_tasks=test.x.shape[0], test_points=test.x.shape[1], context=8,
                                   samples=args.samples, chunk=args.chunk), methods={}, scaling={})
-    for name, (cls, cfg) in method_configs(args).items():
+    # hardware efficiency: the BNN's batched gradient (8 points, S particles) against a 2048^3 GEMM
+    a = torch.randn(2048, 2048, device=device, generator=g)
+    gemm = 2 * 2048 ** 3 / timed(lambda: a @ a, reps=5) / 1e9
+    bnn, ctx = lm.BNN(), lm.first_n(chunks[0], 8)
+    theta = 0.1 * torch.randn(1, args.samples, bnn.n_params, device=device, generator=g)
+    sec = timed(lambda: bnn.loglik_and_grad(theta, ctx, torch.tensor(0.25, device=device)), reps=20)
+    macs = sum(a_ * b_ for a_, b_ in bnn.shapes) * 3 - bnn.shapes[0][0] * bnn.shapes[0][1]  # forward, dW, delta
+    flops = 2 * macs * 8 * args.samples
+    out["hardware"] = dict(gemm_2048_gflops=gemm, bnn_grad_ms=sec * 1e3, bnn_grad_gflops=flops / sec / 1e9,
+                           bnn_fraction_of_gemm=flops / sec / 1e9 / gemm)
+    print(f"[speed] GEMM 2048^3: {gemm:.0f} GFLOP/s; BNN gradient (8 points, {args.samples} particles): "
+          f"{sec * 1e3:.2f} ms = {flops / sec / 1e9:.1f} GFLOP/s ({flops / sec / 1e9 / gemm:.1%} of GEMM)",
+          file=sys.stderr, flush=True)
+    for name in args.methods:
+        cls, cfg = method_configs(args)[name]
         cfg.log_every = 0
         model = cls(cfg, torch.Generator().manual_seed(0)).to(device)
         it = timed(lambda: train_step(model, train, g))
@@ -301,8 +438,8 @@ def speed(args, device) -> dict:
         rows = out["scaling"][kernel] = []
         for P, K, T in ([(P, 10, 16) for P in (1, 4, 16, 64, 256)] + [(16, K, 16) for K in (0, 2, 4, 8, 16, 32)]
                         + [(16, 10, T) for T in (1, 4, 16, 64)]):
-            model = lm.LDVIMeta(lm.LDVIConfig(kernel=kernel, K=K, particles=P, tasks_per_batch=T, log_every=0),
-                                torch.Generator().manual_seed(0)).to(device)
+            model = lm.LDVIMeta(lm.LDVIConfig(kernel=kernel, K=K, latent=args.latent, particles=P, tasks_per_batch=T,
+                                              log_every=0), torch.Generator().manual_seed(0)).to(device)
             sec = timed(lambda: train_step(model, train, g), reps=2)
             rows.append(dict(P=P, K=K, T=T, ms_per_iter=sec * 1e3))
             print(f"[speed] {kernel} P={P} K={K} T={T}: {sec * 1e3:.1f} ms/iteration", file=sys.stderr, flush=True)
@@ -341,97 +478,248 @@ def train_step(model, train, g, loss_fn=None):
 
 
 # -----------------------------------------------------------------------------
-# command line
+# command line: every flag is checked, and every output path is usable, before any training
+
+def resolve_task(name: str):
+    """A registered family, or 'module:function' importable from the working directory."""
+    if name in TASKS:
+        return TASKS[name]
+    module, _, func = name.partition(":")
+    if not (module and func):
+        raise ValueError(f"--task: expected one of {sorted(TASKS)} or module:function, got {name!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--task {name}: cannot import it ({e})") from None
+
+
+def check_writable_folder(flag: str, folder: str, create: bool = False) -> None:
+    """Raise ValueError unless folder exists (or, with create, can be made) and takes a file."""
+    folder = os.path.abspath(folder)
+    if create and not os.path.isdir(folder) and os.path.isdir(os.path.dirname(folder)):
+        os.mkdir(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag}: the folder {folder} does not exist")
+    try:  # a real write: os.access says yes to root even on a read-only mount
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write into {folder} ({e.strerror})") from None
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="sinusoid", help="sinusoid, linesine, or module:function (a task family)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--meta-tasks", type=int, default=64, help="meta-training tasks")
     p.add_argument("--points", type=int, default=16, help="points per meta-training task")
     p.add_argument("--test-tasks", type=int, default=256, help="test tasks")
     p.add_argument("--test-points", type=int, default=64, help="points per test task (all are targets)")
     p.add_argument("--noise", type=float, default=0.25, help="observation noise std of every split")
-    p.add_argument("--contexts", default="0,1,2,4,6,8,12,16", help="comma-separated context sizes")
-    p.add_argument("--samples", type=int, default=128,
-                   help="posterior samples S per test task (protocol: 1024; default 128 to fit 15 min on 2 cores)")
+    p.add_argument("--contexts", default="0,1,2,4,6,8,12,16", help="comma-separated context sizes n")
+    p.add_argument("--samples", type=int, default=1024, help="posterior samples S per test task")
     p.add_argument("--K", type=int, default=5, help="diffusion steps of ours")
+    p.add_argument("--latent", type=int, default=8, help="r, task-latent dimension of ours' prior (0: diagonal)")
     p.add_argument("--iters", type=int, default=None, help="meta-training iterations of every method (overrides)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds; report mean ± std")
     p.add_argument("--chunk", type=int, default=None,
                    help="test tasks per evaluation call (default max(1, 1024 // samples): on the CPU, "
                         "small [tasks, samples, D] tensors that stay in cache are 2-4x faster)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default=None, help="JSON results (default results/<task>.json)")
-    p.add_argument("--plot", default=None, help="PNG file with the predictive of every method")
-    p.add_argument("--quick", action="store_true", help="shrink everything: a smoke run under 30 s")
+    p.add_argument("--gold", type=int, default=0, help="HMC gold standard on the first N test tasks (0: none)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--out", default=None, help="JSON results (default results/<task>.json; --quick: a temp folder)")
+    p.add_argument("--plot", default=None, help="figure of every method's predictive (format from the extension)")
+    p.add_argument("--save-dir", default=None, help="save every trained model here (one .pt file each)")
+    p.add_argument("--load-dir", default=None, help="evaluate the models saved here by --save-dir, no training")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the methods finished by an interrupted run with the same configuration")
+    p.add_argument("--quick", action="store_true", help="shrink everything: a smoke run of under a minute")
     p.add_argument("--speed", action="store_true", help="measure throughput and scaling instead of the table")
     p.add_argument("--quiet", action="store_true", help="no training progress on stderr")
     args = p.parse_args(argv)
     try:
-        args.contexts = [int(c) for c in args.contexts.split(",")]
-    except ValueError:
-        p.error(f"--contexts: expected comma-separated integers, got {args.contexts!r}")
-    for name in ("meta_tasks", "points", "test_tasks", "test_points", "samples", "seeds", "chunk"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    if args.K < 0:
-        p.error(f"--K: expected an integer >= 0, got {args.K}")
-    if not (math.isfinite(args.noise) and args.noise > 0):
-        p.error(f"--noise: expected a finite number > 0, got {args.noise}")
-    if args.quick:
-        args.meta_tasks, args.test_tasks, args.samples, args.K = min(args.meta_tasks, 16), min(args.test_tasks, 16), \
-            min(args.samples, 8), min(args.K, 2)
-        args.contexts = [n for n in args.contexts if n <= args.test_points]
-    if any(n < 0 or n > args.test_points for n in args.contexts):
-        p.error(f"--contexts: expected sizes in [0, --test-points = {args.test_points}], got {args.contexts}")
-    if args.iters is not None and args.iters < 1:
-        p.error(f"--iters: expected an integer >= 1, got {args.iters}")
-    base = dict(ldvi=2400, np=3000, maml=1500, bmaml=1000) if not args.quick else dict(ldvi=15, np=15, maml=15, bmaml=15)
-    args.iters = {k: args.iters for k in base} if args.iters is not None else base
-    try:
-        args.family = resolve_task(args.task)
+        check_args(args)
     except ValueError as e:
         p.error(str(e))
-    if args.device not in (None, "cpu", "cuda"):
-        p.error(f"--device: expected cpu or cuda, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    args.out = args.out or os.path.join("results", f"{args.task.replace(':', '_')}.json")
-    args.chunk = args.chunk or max(1, 1024 // args.samples)  # after --quick has set the samples
     return args
 
 
-def main(argv=None):
+def check_args(args) -> None:
+    """Raise ValueError naming the flag for anything that would fail later."""
+    for name in ("meta_tasks", "points", "test_tasks", "test_points", "samples", "seeds", "chunk", "iters"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}")
+    for name in ("K", "latent", "gold", "seed"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name}: expected an integer >= 0, got {getattr(args, name)}")
+    if 1000 * (args.seed + args.seeds) + 10 >= 2 ** 63:
+        raise ValueError(f"--seed: expected seeds below {(2 ** 63 - 10) // 1000 - args.seeds}, got {args.seed}")
+    if not (math.isfinite(args.noise) and args.noise > 0):
+        raise ValueError(f"--noise: expected a finite number > 0, got {args.noise}")
+    try:
+        args.contexts = [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        raise ValueError(f"--contexts: expected comma-separated integers, got {args.contexts!r}") from None
+    if len(set(args.contexts)) != len(args.contexts):
+        raise ValueError(f"--contexts: expected distinct sizes, got {args.contexts}")
+    if any(n < 0 or n > args.test_points for n in args.contexts):
+        raise ValueError(f"--contexts: expected sizes in [0, --test-points = {args.test_points}], got {args.contexts}")
+    names = [m.strip() for m in args.methods.split(",")]
+    lookup = {m.lower(): m for m in METHODS}
+    unknown = [m for m in names if m.lower() not in lookup]
+    if unknown or not names or len({m.lower() for m in names}) != len(names):
+        raise ValueError(f"--methods: expected distinct names from {', '.join(METHODS)}, got {args.methods!r}")
+    args.methods = [lookup[m.lower()] for m in names]
+    if args.quick:
+        args.meta_tasks, args.test_tasks = min(args.meta_tasks, 16), min(args.test_tasks, 16)
+        args.samples, args.K = min(args.samples, 8), min(args.K, 2)
+    if args.gold:
+        if args.gold > args.test_tasks:
+            raise ValueError(f"--gold: expected at most --test-tasks = {args.test_tasks} tasks, got {args.gold}")
+        if not any(m.startswith("LDVI") for m in args.methods):
+            raise ValueError("--gold: needs at least one LDVI method in --methods")
+    args.hmc = dict(chains=128, warmup=200, draws=100, n_leapfrog=10) if not args.quick else \
+        dict(chains=8, warmup=10, draws=10, n_leapfrog=3)
+    args.bayes_draws = 1 << 15 if not args.quick else 1 << 10
+    base = dict(ldvi=2400, np=3000, maml=1500, bmaml=1000) if not args.quick else dict(ldvi=15, np=15, maml=15, bmaml=15)
+    args.iters = {k: args.iters for k in base} if args.iters is not None else base
+    args.family = resolve_task(args.task)
+    try:  # a tiny draw now: a broken family fails here, not after an hour of training
+        make_tasks(args.family, 2, 3, args.noise, torch.Generator().manual_seed(0))
+    except ValueError as e:
+        raise ValueError(f"--task {args.task}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- the user's code raised
+        raise ValueError(f"--task {args.task}: drawing 2 tasks failed ({type(e).__name__}: {e})") from None
+    if args.device is not None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+        if args.device.startswith("cuda"):
+            index = int(args.device.partition(":")[2] or 0)
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise ValueError(f"--device {args.device}: no such CUDA device "
+                                 f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} available)")
+    if args.speed and (args.gold or args.save_dir or args.load_dir or args.resume or args.plot):
+        raise ValueError("--speed: cannot be combined with --gold, --save-dir, --load-dir, --resume or --plot")
+    stem = args.task.replace(":", "_")
+    if args.out is None:
+        folder = RESULTS if not args.quick else os.path.join(tempfile.gettempdir(), "ldvi_meta_quick")
+        os.makedirs(folder, exist_ok=True) if args.quick else None
+        args.out = os.path.join(folder, f"{stem}{'_speed' if args.speed else ''}.json")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out: expected a file path, {args.out} is a folder")
+    check_writable_folder("--out", os.path.dirname(os.path.abspath(args.out)))
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig = plt.figure()
+        formats = fig.canvas.get_supported_filetypes()
+        plt.close(fig)
+        ext = os.path.splitext(args.plot)[1][1:].lower()
+        if ext not in formats:
+            raise ValueError(f"--plot: expected a file name ending in one of {', '.join(sorted(formats))}, "
+                             f"got {args.plot!r}")
+        check_writable_folder("--plot", os.path.dirname(os.path.abspath(args.plot)))
+    if args.save_dir:
+        check_writable_folder("--save-dir", args.save_dir, create=True)
+    if args.load_dir:
+        missing = [m for m in args.methods for s in range(args.seed, args.seed + args.seeds)
+                   if not os.path.exists(os.path.join(args.load_dir, f"{stem}_seed{s}_{m}.pt"))]
+        if missing:
+            raise ValueError(f"--load-dir: no saved model for {', '.join(dict.fromkeys(missing))} in {args.load_dir} "
+                             f"(expected files named {stem}_seed<S>_<method>.pt)")
+    args.chunk = args.chunk or max(1, 1024 // args.samples)  # after --quick has set the samples
+
+
+def run_config(args, device) -> dict:
+    """Everything that decides the numbers (what --resume compares)."""
+    return dict(task=args.task, meta_tasks=args.meta_tasks, points=args.points, test_tasks=args.test_tasks,
+                test_points=args.test_points, noise=args.noise, contexts=args.contexts, samples=args.samples,
+                K=args.K, latent=args.latent, iters=args.iters, quick=args.quick, gold=args.gold, device=str(device),
+                methods={name: asdict(cfg) for name, (_, cfg) in method_configs(args).items() if name in args.methods})
+
+
+def _int_keys(row: dict) -> dict:
+    """A row read back from JSON: context sizes are keys, JSON made them strings."""
+    return {k: ({int(n): v for n, v in val.items()} if isinstance(val, dict) and k != "config" and
+                all(re.fullmatch(r"\d+", str(n)) for n in val) else val) for k, val in row.items()}
+
+
+def fast_allocator() -> None:
+    """Keep freed memory in glibc's heap instead of returning it to the system: every fresh
+    [tasks, particles, D] tensor would otherwise cost page faults (about 10% of evaluation
+    time on the CPU). A process-wide setting, so it is made here, at the entry point."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: allocations up to 32 MiB come from the heap
+            libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+        except (OSError, AttributeError):
+            pass
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else lm.default_device()  # chosen once, here
+    fast_allocator()
     torch.manual_seed(args.seed)  # nothing should use the global RNG; this makes sure anyway
     t0 = time.perf_counter()
     if args.speed:
         result = speed(args, device)
-        write_json_atomic(args.out.replace(".json", "_speed.json"), result)
+        write_json_atomic(args.out, result)
         print(json.dumps(result, indent=1))
-        return
-    per_seed = [run_seed(args, args.family, s, device) for s in range(args.seed, args.seed + args.seeds)]
+        return 0
+    config = run_config(args, device)
+    partial = os.path.splitext(args.out)[0] + ".partial.json"
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    done = {}
+    if args.resume:
+        for path in (partial, args.out):
+            if os.path.exists(path):
+                old = json.load(open(path))
+                if {k: v for k, v in old.get("config", {}).items() if k in config} == json.loads(json.dumps(config)):
+                    done = {int(s): {name: _int_keys(row) for name, row in rows.items()}
+                            for s, rows in zip(old["config"]["seeds"], old["per_seed"])}
+                    print(f"[bench] --resume: reusing finished rows from {path}", file=sys.stderr)
+                    break
+                print(f"[bench] --resume: {path} has another configuration; starting afresh", file=sys.stderr)
+    per_seed = []
+
+    def save_partial(rows):
+        write_json_atomic(partial, dict(config={**config, "seeds": seeds[:len(per_seed) + 1]}, complete=False,
+                                        per_seed=per_seed + [rows]))
+    try:
+        for s in seeds:
+            per_seed.append(run_seed(args, s, device, done.get(s, {}), save_partial))
+    except KeyboardInterrupt:
+        print(f"\n[bench] interrupted: {args.out} is unchanged; finished methods are in {partial} "
+              f"(rerun with --resume to continue)", file=sys.stderr)
+        return 130
     agg = aggregate(per_seed)
-    config = dict(task=args.task, meta_tasks=args.meta_tasks, points=args.points, test_tasks=args.test_tasks,
-                  test_points=args.test_points, noise=args.noise, contexts=args.contexts, samples=args.samples,
-                  chunk=args.chunk,
-                  seeds=list(range(args.seed, args.seed + args.seeds)), device=str(device),
-                  torch=torch.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
-                  methods={name: asdict(cfg) for name, (_, cfg) in method_configs(args).items()},
-                  wall_s=time.perf_counter() - t0)
+    config.update(seeds=seeds, chunk=args.chunk, torch=torch.__version__, wall_s=time.perf_counter() - t0,
+                  machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     print("## Configuration\n")
     for k, v in config.items():
         if k != "methods":
             print(f"- {k}: {v}")
     for name, cfg in config["methods"].items():
-        print(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    print(f"\n## Results ({args.task}; LMLHD = median per task (per point); MSE = median)\n")
+        print(f"- {name} ({DESCRIPTION.get(name, 'baseline')}): " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    if args.task not in TASKS:
+        print(f"\n(no Bayes-optimal rows: the true task distribution of {args.task} is not known to the benchmark)")
+    print(f"\n## Results ({args.task})\n")
     print(table(agg, args.contexts, args.test_points))
-    write_json_atomic(args.out, dict(config=config, results=agg, per_seed=per_seed))
+    write_json_atomic(args.out, dict(config=config, complete=True, results=agg, per_seed=per_seed))
+    if os.path.exists(partial):
+        os.unlink(partial)
+    failed = [name for name, r in agg.items() if r["status"] != "ok"]
+    if failed:
+        print(f"\n[bench] FAILED: {', '.join(failed)} (see the table and {args.out})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,20 +2,27 @@
 Amortized Langevin-diffusion variational inference (LDVI) for Bayesian meta-learning.
 
 Every task tau has its own weights theta of a small Bayesian neural net f_theta; a
-meta-learned Gaussian prior p_psi(theta) ties the tasks together. For a context set C
-the task posterior p_psi(theta | C) is approximated by one model that serves all tasks:
+meta-learned prior ties the tasks together. For a context set C the task posterior is
+approximated by one model that serves all tasks:
 
-  1. a DeepSets encoder maps C to a diagonal Gaussian q0(theta | C) = N(m, diag s^2),
-  2. K learned Langevin-diffusion steps, run in the whitened coordinates
-     u = (theta - m) / s, move the q0 samples towards the posterior,
-  3. every particle carries a log importance weight log w whose mean is the augmented
-     ELBO  E[log w] <= log p_psi(C), trained end to end for psi, encoder and kernels.
+  1. the prior has a low-dimensional task latent [8]:  theta = B z + theta_res with
+     z ~ N(0, I_r) and theta_res ~ N(mu, diag sigma^2), so that integrated over z
+     theta ~ N(mu, B B^T + diag sigma^2); r = 0 is the plain diagonal prior.
+     The sampler's state is v = (z, theta_res) in R^(r + D) with a diagonal prior;
+  2. a DeepSets encoder [5] maps C to a diagonal Gaussian q0(v | C) = N(m, diag s^2),
+  3. K learned Langevin-diffusion steps, run in the whitened coordinates
+     u = (v - m) / s, move the q0 samples towards the posterior p(v | C),
+  4. every particle carries a log importance weight log w whose mean is the augmented
+     ELBO  E[log w] <= log p_psi(C), trained end to end for psi = (mu, sigma, B), the
+     encoder and the kernel parameters.
 
 Two kernels integrate the Gaussian part of the dynamics exactly, so that if q0 already
 is the posterior every log w equals log Z (tested to 1e-8):
   overdamped  (exponential-integrator ULA, MCD family [1, 2])
   underdamped (exact rotation + half kicks + partial momentum refresh, UHA/LDVI [1, 3]).
-The mathematics and the exact properties are written out in DESIGN.md (section 3).
+MATH.md writes out the model, both kernels, their weights and why they are exact.
+A Metropolis-corrected HMC [9, 10] on the same target is the gold standard that tells
+how much the amortized sampler costs.
 
 All particle tensors are batched [T, P, D] = [tasks, particles, parameters]; data are
 padded [T, N, dx] / [T, N, dy] tensors with a boolean mask [T, N] (empty sets allowed).
@@ -33,13 +40,23 @@ References
       1-40-40-1 sinusoid network).
   [7] N. Brosse, A. Durmus, E. Moulines, S. Sabanis. The tamed unadjusted Langevin
       algorithm. Stochastic Processes and their Applications, 2019.
+  [8] O. Papaspiliopoulos, G. Roberts, M. Skold. A general framework for the
+      parametrization of hierarchical models. Statistical Science, 2007 (non-centred).
+  [9] R. Neal. MCMC using Hamiltonian dynamics. Handbook of MCMC, 2011.
+  [10] M. Hoffman, A. Gelman. The No-U-Turn sampler. JMLR 2014 (dual averaging).
+  [11] A. Vehtari, A. Gelman, D. Simpson, B. Carpenter, P. Buerkner. Rank-normalization,
+      folding, and localization: an improved R-hat. Bayesian Analysis, 2021 (split R-hat).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -56,6 +73,37 @@ def default_device() -> torch.device:
 
 
 # -----------------------------------------------------------------------------
+# argument checks: every error names the argument and says what was expected
+
+def _require(ok: bool, name: str, expected: str, got) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# (predicate, what it expects) pairs for _require_fields
+INT_GE0 = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+INT_GE1 = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+POSITIVE = (lambda v: _is_real(v) and v > 0, "a finite number > 0")
+BOOL = (lambda v: isinstance(v, bool), "True or False")
+WIDTHS = (lambda v: isinstance(v, (tuple, list)) and all(_is_int(w) and w >= 1 for w in v),
+          "a tuple of integer widths >= 1, e.g. (40, 40)")
+
+
+def _require_fields(obj, names, ok, expected: str) -> None:
+    """_require for several fields of a config that share one rule."""
+    for name in names:
+        _require(ok(getattr(obj, name)), name, expected, getattr(obj, name))
+
+
+# -----------------------------------------------------------------------------
 # configuration
 
 @dataclass
@@ -63,13 +111,16 @@ class LDVIConfig:
     dx: int = 1                       # input dimension of the BNN
     dy: int = 1                       # output dimension of the BNN
     hidden: tuple = (40, 40)          # hidden widths of the BNN (ReLU); (40, 40) -> D = 1761
+    latent: int = 8                   # r, dimension of the task latent z in the prior (0: diagonal prior)
+    latent_init: float = 1e-3         # B starts at latent_init * N(0, 1) entries
     kernel: str = "underdamped"       # "underdamped" or "overdamped" diffusion kernel
     K: int = 10                       # number of diffusion steps (0 = amortized mean-field VI)
     step_init: float = 0.05           # initial step size h_k (small: training starts near mean-field VI)
     refresh_init: float = 0.8         # initial momentum refresh factor c_k (underdamped)
-    prior_std_init: float = 0.1       # initial std sigma_psi of the meta-learned prior
+    prior_std_init: float = 0.1       # initial std sigma of the residual weights in the prior
     sigma_y: float = 0.5              # observation noise std (initial value when learned)
     learn_sigma_y: bool = True        # meta-learn sigma_y (False: keep it fixed)
+    tamed: bool = True                # drive the diffusion with the tamed score (see tame)
     enc_hidden: int = 128             # width of the set-encoder MLPs
     enc_dim: int = 64                 # dimension of the set representation r
     particles: int = 16               # particles per task during meta-training
@@ -77,35 +128,21 @@ class LDVIConfig:
     min_context: int = 0              # context sizes are drawn uniformly in [min_context, N]
     iters: int = 2000                 # meta-training iterations
     lr: float = 1e-3                  # Adam learning rate
+    lr_final: float = 1.0             # cosine decay of the learning rate to lr * lr_final (1: constant)
     clip: float = 10.0                # gradient-norm clipping threshold
     log_every: int = 100              # progress line on stderr every this many iterations (0: never)
-    tamed: bool = True                # drive the diffusion with the tamed score (see tame)
 
     def __post_init__(self):
-        self.hidden = tuple(self.hidden)
         _require(self.kernel in KERNELS, "kernel", f"one of {KERNELS}", self.kernel)
+        _require_fields(self, ("hidden",), *WIDTHS)
+        self.hidden = tuple(self.hidden)
         _require_fields(self, ("dx", "dy", "enc_hidden", "enc_dim", "particles", "tasks_per_batch"), *INT_GE1)
-        _require(all(w >= 1 for w in self.hidden), "hidden", "widths >= 1", self.hidden)
-        _require_fields(self, ("K", "min_context", "iters", "log_every"), *INT_GE0)
-        _require_fields(self, ("step_init", "prior_std_init", "sigma_y", "lr", "clip"), *POSITIVE)
-        _require(0 <= self.refresh_init < 1, "refresh_init", "a number in [0, 1)", self.refresh_init)
-
-
-def _require(ok: bool, name: str, expected: str, got) -> None:
-    if not ok:
-        raise ValueError(f"{name}: expected {expected}, got {got!r}")
-
-
-# (predicate, what it expects) pairs for _require_fields
-INT_GE0 = (lambda v: v >= 0, "an integer >= 0")
-INT_GE1 = (lambda v: v >= 1, "an integer >= 1")
-POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-
-
-def _require_fields(obj, names, ok, expected: str) -> None:
-    """_require for several fields of a config that share one rule."""
-    for name in names:
-        _require(ok(getattr(obj, name)), name, expected, getattr(obj, name))
+        _require_fields(self, ("K", "latent", "min_context", "iters", "log_every"), *INT_GE0)
+        _require_fields(self, ("step_init", "prior_std_init", "sigma_y", "lr", "clip", "latent_init"), *POSITIVE)
+        _require_fields(self, ("learn_sigma_y", "tamed"), *BOOL)
+        _require(_is_real(self.refresh_init) and 0 <= self.refresh_init < 1, "refresh_init", "a number in [0, 1)",
+                 self.refresh_init)
+        _require(_is_real(self.lr_final) and 0 < self.lr_final <= 1, "lr_final", "a number in (0, 1]", self.lr_final)
 
 
 # -----------------------------------------------------------------------------
@@ -125,8 +162,8 @@ def make_batch(x, y, mask=None, name: str = "context") -> Batch:
     """Validate a padded task batch; padded entries are zeroed so they can never leak.
 
     Raises ValueError naming the argument for wrong ranks or shapes, a non-bool mask,
-    or NaN / inf in the real (unmasked) points.
-    """
+    or NaN / inf in the real (unmasked) points. Every public function that takes a
+    Batch passes it through here, so a Batch(...) built by hand is checked too."""
     for arg, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -150,8 +187,11 @@ def make_batch(x, y, mask=None, name: str = "context") -> Batch:
     return Batch(torch.where(keep, x, 0.0), torch.where(keep, y, 0.0), mask)
 
 
-def check_compatible(batch: Batch, dx: int, dy: int, like: torch.Tensor, name: str = "context") -> Batch:
-    """Raise ValueError unless batch has the model's dx, dy, dtype and device (those of `like`)."""
+def check_compatible(batch, dx: int, dy: int, like: torch.Tensor, name: str = "context") -> Batch:
+    """make_batch's checks plus the model's dx, dy, dtype and device (those of `like`)."""
+    if not isinstance(batch, tuple) or len(batch) != 3:
+        raise ValueError(f"{name}: expected a Batch(x, y, mask) (see make_batch), got {type(batch).__name__}")
+    batch = make_batch(*batch, name=name)
     if batch.x.shape[-1] != dx or batch.y.shape[-1] != dy:
         raise ValueError(f"{name}: expected dx = {dx}, dy = {dy}, got x {tuple(batch.x.shape)}, y {tuple(batch.y.shape)}")
     if batch.x.dtype != like.dtype or batch.x.device != like.device:
@@ -159,20 +199,46 @@ def check_compatible(batch: Batch, dx: int, dy: int, like: torch.Tensor, name: s
     return batch
 
 
+def check_inputs(x_target, ctx: Batch, dx: int, name: str = "x_target") -> torch.Tensor:
+    """Raise ValueError unless x_target is a finite [T, M, dx] tensor matching the context."""
+    T = ctx.x.shape[0]
+    if not isinstance(x_target, torch.Tensor) or x_target.dim() != 3 or x_target.shape[0] != T \
+            or x_target.shape[-1] != dx:
+        got = tuple(x_target.shape) if isinstance(x_target, torch.Tensor) else type(x_target).__name__
+        raise ValueError(f"{name}: expected a tensor of shape [T, M, dx] = [{T}, M, {dx}], got {got}")
+    if x_target.dtype != ctx.x.dtype or x_target.device != ctx.x.device:
+        raise ValueError(f"{name}: expected {ctx.x.dtype} on {ctx.x.device} like the context, "
+                         f"got {x_target.dtype} on {x_target.device}")
+    if not torch.isfinite(x_target).all():
+        raise ValueError(f"{name}: NaN or inf in the target inputs")
+    return x_target
+
+
+def check_samples(S, name: str = "S") -> int:
+    _require(_is_int(S) and S >= 1, name, "an integer >= 1", S)
+    return int(S)
+
+
 def first_n(batch: Batch, n) -> Batch:
-    """Context made of the first n[t] points of each task (n an int or a [T] tensor)."""
+    """Context made of the first n[t] points of each task (n an int or an integer [T] tensor)."""
+    batch = make_batch(*batch, name="batch")
     T, N = batch.mask.shape
+    if isinstance(n, torch.Tensor):
+        _require(not n.is_floating_point() and n.dtype != torch.bool and n.dim() <= 1, "n",
+                 "an integer or an integer tensor of shape [T]", n)
+    else:
+        _require(_is_int(n), "n", "an integer or an integer tensor of shape [T]", n)
     n = torch.as_tensor(n, device=batch.mask.device).expand(T)  # [T]
     if (n < 0).any() or (n > batch.counts).any():
         raise ValueError(f"n: expected context sizes in [0, points per task], got {n.tolist()} "
                          f"for tasks with {batch.counts.tolist()} points")
     keep = torch.arange(N, device=n.device) < n.unsqueeze(-1)  # [T, N]
     L = max(int(n.max()), 1) if T else 0  # trim the padding: the BNN never sees points past L
-    return make_batch(batch.x[:, :L], batch.y[:, :L], (batch.mask & keep)[:, :L])
+    return Batch(batch.x[:, :L], batch.y[:, :L], (batch.mask & keep)[:, :L])
 
 
 def random_subset(batch: Batch, gen: torch.Generator, min_size: int = 0) -> Batch:
-    """A random context subset per task, size uniform in [min_size, #points] (DESIGN 4)."""
+    """A random context subset per task, size uniform in [min_size, #points]."""
     T, N = batch.mask.shape
     counts = batch.counts  # [T]
     if (counts < min_size).any():
@@ -181,7 +247,7 @@ def random_subset(batch: Batch, gen: torch.Generator, min_size: int = 0) -> Batc
     size = min_size + (torch.rand(T, generator=gen, device=dev) * (counts - min_size + 1)).floor()  # [T]
     keys = torch.rand(T, N, generator=gen, device=dev).masked_fill(~batch.mask, 2.0)  # padding ranks last
     rank = keys.argsort(-1).argsort(-1)  # [T, N], random rank of each real point
-    return make_batch(batch.x, batch.y, batch.mask & (rank < size.unsqueeze(-1)))
+    return Batch(batch.x, batch.y, batch.mask & (rank < size.unsqueeze(-1)))
 
 
 # -----------------------------------------------------------------------------
@@ -274,17 +340,47 @@ def diag_normal_logpdf(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tenso
 
 
 # -----------------------------------------------------------------------------
-# the Gaussian-exact Langevin kernels, in whitened coordinates u = (theta - m) / s
+# standard-normal draws for the large particle tensors
+
+RNG_BLOCK = 1 << 18  # numbers per independently seeded block of a large CPU draw
+_rng_pool: ThreadPoolExecutor | None = None
+
+
+def randn(shape, gen: torch.Generator, dtype=torch.float32, device=None) -> torch.Tensor:
+    """N(0, 1) draws of the given shape from gen, on gen's device (device, if given, must match).
+
+    torch's CPU generator is one sequential stream: a [1024, 1761] draw takes longer than
+    the BNN gradient. So a large CPU draw is cut into fixed blocks of RNG_BLOCK numbers,
+    each filled from its own generator seeded from gen, on a pool of torch's intra-op
+    thread count. The numbers depend on gen alone, never on the number of threads."""
+    global _rng_pool
+    if device is not None and torch.device(device).type != gen.device.type:
+        raise ValueError(f"gen: expected a generator on {device}, got one on {gen.device}")
+    n = math.prod(shape)
+    if gen.device.type != "cpu" or n < 2 * RNG_BLOCK:
+        return torch.randn(shape, generator=gen, dtype=dtype, device=gen.device)
+    out = torch.empty(shape, dtype=dtype)
+    blocks = out.view(-1).split(RNG_BLOCK)
+    seeds = torch.randint(0, 2 ** 62, (len(blocks),), generator=gen).tolist()
+    if _rng_pool is None:
+        _rng_pool = ThreadPoolExecutor(max(1, torch.get_num_threads()))
+    fill = lambda b, s: b.normal_(generator=torch.Generator().manual_seed(s))  # noqa: E731
+    list(_rng_pool.map(fill, blocks, seeds))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the Gaussian-exact Langevin kernels, in whitened coordinates u = (v - m) / s
 
 def autograd_target(log_gamma: Callable) -> Callable:
-    """Turn a log density theta [T, P, D] -> [T, P] into a target returning (value, grad).
+    """Turn a log density v [T, P, D] -> [T, P] into a target returning (value, grad).
 
     The gradient is differentiable (create_graph) when grad mode is on, so the diffusion
     can be trained through it; under torch.no_grad() everything is detached."""
-    def target(theta):
+    def target(v):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            th = theta if (create_graph and theta.requires_grad) else theta.detach().requires_grad_(True)
+            th = v if (create_graph and v.requires_grad) else v.detach().requires_grad_(True)
             value = log_gamma(th)  # [T, P]
             grad, = torch.autograd.grad(value.sum(), th, create_graph=create_graph)  # [T, P, D]
         return (value, grad) if create_graph else (value.detach(), grad.detach())
@@ -303,7 +399,7 @@ def tame(score, h):
     than q0 (early in training, or steep tasks), instead of blowing up. Validity of the
     weights does not depend on the drift (the backward kernel uses the same field), and
     Gaussian exactness holds because there grad l = 0."""
-    return score / (1 + h * score.abs())
+    return score / torch.addcmul(torch.ones((), dtype=score.dtype, device=score.device), h, score.abs())
 
 
 def untamed(score, h):
@@ -339,9 +435,9 @@ def underdamped_step(u, p, score, beta, h, c, xi, score_fn, field=untamed):
 
 def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel: str = "underdamped",
               tamed: bool = True):
-    """Run the q0-preconditioned diffusion and return (theta_K [T, P, D], log w [T, P]).
+    """Run the q0-preconditioned diffusion and return (v_K [T, P, D], log w [T, P]).
 
-    target: theta [T, P, D] -> (log gamma(theta) [T, P], grad_theta log gamma [T, P, D]),
+    target: v [T, P, D] -> (log gamma(v) [T, P], grad_v log gamma [T, P, D]),
             e.g. autograd_target(log_gamma). Gradients flow through the whole chain when
             grad mode is on (reparameterized noise); wrap in torch.no_grad() to sample only.
     m, log_s:  [T, D] mean and log std of q0;   u0: [T, P, D] standard-normal draws;
@@ -350,7 +446,7 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
     gen: torch.Generator for the per-step noise;
     tamed: drive the steps with tame(grad l, h_k) instead of grad l (see tame).
 
-    log w = log gamma(theta_K) - log q0(theta_0) + (kernel correction), see DESIGN 3.
+    log w = log gamma(v_K) - log q0(v_0) + (kernel correction), see MATH.md.
     A particle whose weight comes out NaN has diverged: it gets log w = -inf (zero weight).
     """
     _require(kernel in KERNELS, "kernel", f"one of {KERNELS}", kernel)
@@ -368,7 +464,7 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
         _require(bool(((betas > 0) & (betas <= 1 + 1e-6)).all()), "betas", "values in (0, 1]", betas.tolist())
     s = torch.exp(log_s).unsqueeze(1)  # [T, 1, D]
 
-    def score_fn(u):  # log gamma(m + s u) [T, P] and grad_u l(u) = s * grad_theta log gamma + u
+    def score_fn(u):  # log gamma(m + s u) [T, P] and grad_u l(u) = s * grad_v log gamma + u
         value, grad = target(torch.addcmul(m.unsqueeze(1), s, u))
         return value, torch.addcmul(u, s, grad)
 
@@ -379,7 +475,7 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
     log_w = -log_q0  # [T, P]
     if kernel == "overdamped":
         for k in range(K):
-            eps = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)  # [T, P, D]
+            eps = randn(u.shape, gen, u.dtype, u.device)  # [T, P, D]
             a = torch.exp(-steps[k])
             u_new = overdamped_step(u, field(score, steps[k]), betas[k], steps[k], eps)
             value, score = score_fn(u_new)
@@ -388,15 +484,15 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, gen, kernel
             log_w = log_w - _sq(u - back_mean) / (2 * (1 - a * a)) + 0.5 * _sq(eps)
             u = u_new
     elif K:  # underdamped (at K = 0 no momentum is drawn: both kernels are then one method)
-        p = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)  # [T, P, D]
+        p = randn(u.shape, gen, u.dtype, u.device)  # [T, P, D]
         for k in range(K):
-            xi = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)
+            xi = randn(u.shape, gen, u.dtype, u.device)  # [T, P, D]
             u, p, p_ref, value, score = underdamped_step(u, p, score, betas[k], steps[k], refresh[k], xi,
                                                          score_fn, field)
             log_w = log_w - 0.5 * (_sq(p) - _sq(p_ref))
     log_w = log_w + value
     log_w = torch.where(torch.isnan(log_w), -torch.inf, log_w)
-    return m.unsqueeze(1) + s * u, log_w  # [T, P, D], [T, P]
+    return torch.addcmul(m.unsqueeze(1), s, u), log_w  # [T, P, D], [T, P]
 
 
 def elbo(log_w: torch.Tensor) -> torch.Tensor:
@@ -407,6 +503,77 @@ def elbo(log_w: torch.Tensor) -> torch.Tensor:
 def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
     """Per-task importance-weighted bound logsumexp_p log w - log P: [T, P] -> [T]."""
     return torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])
+
+
+# -----------------------------------------------------------------------------
+# the gold standard: Metropolis-corrected HMC on the same target [9]
+
+class HMCState(NamedTuple):
+    v: torch.Tensor      # [T, C, D] one position per chain
+    value: torch.Tensor  # [T, C] log gamma(v)
+    grad: torch.Tensor   # [T, C, D] grad log gamma(v)
+
+
+def hmc_step(state: HMCState, target: Callable, eps, n_leapfrog: int, inv_mass, gen):
+    """One HMC transition for every chain: momentum p ~ N(0, M), n_leapfrog leapfrog steps of
+    size eps [T, 1, 1] times a per-chain jitter U[0.8, 1.2] (fixed trajectories can resonate
+    with the target and mix badly [9]), accept with prob min(1, exp(-dH)). M = diag(1 / inv_mass),
+    inv_mass [T, 1, D]. Returns (new state, acceptance probabilities [T, C]); a NaN proposal is rejected."""
+    v, value, grad = state
+    T, C, _ = v.shape
+    eps = eps * (0.8 + 0.4 * torch.rand(T, C, 1, generator=gen, device=v.device, dtype=v.dtype))  # [T, C, 1]
+    p = randn(v.shape, gen, v.dtype, v.device) * inv_mass.rsqrt()                   # [T, C, D]
+    h0 = value - 0.5 * (p * p * inv_mass).sum(-1)                         # -H at the start, [T, C]
+    p = p + 0.5 * eps * grad
+    for i in range(n_leapfrog):
+        v = v + eps * inv_mass * p                                        # [T, C, D]
+        value, grad = target(v)
+        p = p + (eps if i < n_leapfrog - 1 else 0.5 * eps) * grad
+    log_accept = (value - 0.5 * (p * p * inv_mass).sum(-1) - h0).nan_to_num(nan=-torch.inf).clamp(max=0.0)
+    accept = torch.rand(log_accept.shape, generator=gen, device=v.device, dtype=v.dtype).log() < log_accept
+    keep = accept.unsqueeze(-1)                                           # [T, C, 1]
+    new = HMCState(torch.where(keep, v, state.v), torch.where(accept, value, state.value),
+                   torch.where(keep, grad, state.grad))
+    return new, log_accept.exp()
+
+
+def hmc(target: Callable, v0, inv_mass, gen, warmup: int = 200, draws: int = 100, n_leapfrog: int = 10,
+        accept_target: float = 0.75, progress: str = ""):
+    """Run C chains per task from v0 [T, C, D]: `warmup` transitions that adapt one step size
+    per task by dual averaging towards the target acceptance [10], then `draws` transitions
+    kept. Returns (draws [T, C, draws, D], log gamma [T, C, draws], mean acceptance [T])."""
+    T, C, D = v0.shape
+    state = HMCState(v0, *target(v0))
+    log_eps = torch.full((T, 1, 1), math.log(0.1 / math.sqrt(D)), dtype=v0.dtype, device=v0.device)
+    mu, h_bar, log_eps_bar = log_eps + math.log(10), torch.zeros_like(log_eps), torch.zeros_like(log_eps)
+    kept, values, acc_sum, t0 = [], [], torch.zeros(T, dtype=v0.dtype, device=v0.device), time.perf_counter()
+    for it in range(warmup + draws):
+        eps = log_eps.exp() if it < warmup else log_eps_bar.exp()
+        state, acc = hmc_step(state, target, eps, n_leapfrog, inv_mass, gen)
+        if it < warmup:  # dual averaging with gamma = 0.05, t0 = 10, kappa = 0.75 (Hoffman & Gelman, Alg. 5)
+            t = it + 1
+            h_bar = (1 - 1 / (t + 10)) * h_bar + (accept_target - acc.mean(-1).view(T, 1, 1)) / (t + 10)
+            log_eps = mu - math.sqrt(t) / 0.05 * h_bar
+            log_eps_bar = t ** -0.75 * log_eps + (1 - t ** -0.75) * log_eps_bar
+        else:
+            kept.append(state.v)
+            values.append(state.value)
+            acc_sum += acc.mean(-1)
+        if progress and (it + 1) % 50 == 0:
+            print(f"[{progress}] HMC {it + 1}/{warmup + draws}  {time.perf_counter() - t0:.0f}s", file=sys.stderr,
+                  flush=True)
+    return torch.stack(kept, 2), torch.stack(values, 2), acc_sum / max(draws, 1)
+
+
+def split_rhat(x: torch.Tensor) -> torch.Tensor:
+    """Split R-hat [11] of a scalar over chains: x [T, C, N] -> [T] (1 = converged)."""
+    T, C, N = x.shape
+    half = N // 2
+    x = torch.cat([x[..., :half], x[..., half:2 * half]], 1)               # [T, 2C, N/2]
+    n = x.shape[-1]
+    within = x.var(-1).mean(-1)                                            # W, [T]
+    between = x.mean(-1).var(-1)                                           # B / n, [T]
+    return (((n - 1) / n * within + between) / within).sqrt()
 
 
 # -----------------------------------------------------------------------------
@@ -421,6 +588,7 @@ def mlp(sizes, gen: torch.Generator) -> nn.Sequential:
             nn.init.uniform_(p, -1 / math.sqrt(a), 1 / math.sqrt(a), generator=gen)
         layers += [lin, nn.ReLU()]
     return nn.Sequential(*layers[:-1])
+
 
 class SetEncoder(nn.Module):
     """Per-point MLP on (x, y), masked mean, MLP head on [r, log(1 + n)] [5].
@@ -447,24 +615,60 @@ class SetEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# saving and loading: one file per model with its config (torch.load(weights_only=True))
+
+class SaveLoad:
+    """save(path) / cls.load(path) for a module with a dataclass `cfg` and a Config class."""
+
+    def save(self, path: str) -> None:
+        """Write {method, config, state_dict} whole or not at all (temporary file, then rename)."""
+        obj = dict(method=type(self).__name__, config=asdict(self.cfg),
+                   state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()})
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(obj, fh)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, device="cpu"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or obj.get("method") != cls.__name__:
+            got = obj.get("method") if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"path: expected a saved {cls.__name__}, {path} holds {got!r}")
+        model = cls(cls.Config(**obj["config"]), torch.Generator().manual_seed(0))
+        model.load_state_dict(obj["state_dict"])
+        return model.to(device)
+
+
+# -----------------------------------------------------------------------------
 # the model: meta-learned prior, likelihood, amortized q0 and learned diffusion
 
-class LDVIMeta(nn.Module):
-    """Amortized LDVI for a BNN with a meta-learned diagonal Gaussian prior."""
+class LDVIMeta(SaveLoad, nn.Module):
+    """Amortized LDVI for a BNN whose meta-learned prior has an r-dimensional task latent."""
+    Config = LDVIConfig
 
     def __init__(self, cfg: LDVIConfig, gen: torch.Generator):
         super().__init__()
+        _require(isinstance(cfg, LDVIConfig), "cfg", "an LDVIConfig", cfg)
         self.cfg = cfg
         self.bnn = BNN(cfg.dx, cfg.dy, cfg.hidden)
-        D, K = self.bnn.n_params, cfg.K
-        self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu_psi [D]
-        self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # [D]
+        D, K, r = self.bnn.n_params, cfg.K, cfg.latent
+        self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu [D]
+        self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # log sigma [D]
+        if r:
+            self.basis = nn.Parameter(cfg.latent_init * torch.randn(D, r, generator=gen))  # B [D, r]
         log_sy = torch.tensor(math.log(cfg.sigma_y))
         if cfg.learn_sigma_y:
             self.log_sigma_y = nn.Parameter(log_sy)
         else:
             self.register_buffer("log_sigma_y", log_sy)
-        self.encoder = SetEncoder(cfg.dx, cfg.dy, D, gen, cfg.enc_hidden, cfg.enc_dim)
+        self.encoder = SetEncoder(cfg.dx, cfg.dy, r + D, gen, cfg.enc_hidden, cfg.enc_dim)
         inv_softplus = lambda v: math.log(math.expm1(v))  # noqa: E731
         self.raw_steps = nn.Parameter(torch.full((K,), inv_softplus(cfg.step_init)))
         self.raw_refresh = nn.Parameter(torch.full((K,), math.log(cfg.refresh_init / (1 - cfg.refresh_init))
@@ -481,33 +685,54 @@ class LDVIMeta(nn.Module):
     def sigma_y(self) -> torch.Tensor:
         return self.log_sigma_y.exp()
 
-    # --- the target gamma(theta) = p_psi(theta) p(C | theta)
-    def log_prior(self, theta: torch.Tensor) -> torch.Tensor:
-        return diag_normal_logpdf(theta, self.prior_mean, self.prior_log_std)  # [T, P]
+    # --- the prior over the state v = (z, theta_res) and the map v -> theta = B z + theta_res
+    def state_prior(self):
+        """Mean and log std [r + D] of the diagonal prior over v: N(0, I_r) x N(mu, diag sigma^2)."""
+        zeros = self.prior_mean.new_zeros(self.cfg.latent)
+        return torch.cat([zeros, self.prior_mean]), torch.cat([zeros, self.prior_log_std])
 
-    def log_joint(self, theta: torch.Tensor, ctx: Batch) -> torch.Tensor:
-        f = self.bnn(theta, ctx.x)  # [T, P, N, dy]
-        return self.log_prior(theta) + gaussian_loglik(f, ctx.y, ctx.mask, self.sigma_y)  # [T, P]
+    def theta(self, v: torch.Tensor) -> torch.Tensor:
+        """BNN weights theta = B z + theta_res [T, P, D] from states v [T, P, r + D]."""
+        r = self.cfg.latent
+        return v if r == 0 else v[..., r:] + v[..., :r] @ self.basis.T
+
+    def sample_prior(self, T: int, P: int, gen: torch.Generator):
+        """P states per task from the prior: v [T, P, r + D] (theta(v) has covariance B B^T + diag sigma^2)."""
+        mean, log_std = self.state_prior()
+        return mean + log_std.exp() * randn((T, P, mean.shape[0]), gen, mean.dtype, mean.device)  # [T, P, r + D]
+
+    # --- the target gamma(v) = p(v) p(C | theta(v)) with its analytic score
+    def log_joint(self, v: torch.Tensor, ctx: Batch) -> torch.Tensor:
+        """log p(v) + log p(C | theta(v)) [T, P], written plainly (the reference for target)."""
+        mean, log_std = self.state_prior()
+        f = self.bnn(self.theta(v), ctx.x)  # [T, P, N, dy]
+        return diag_normal_logpdf(v, mean, log_std) + gaussian_loglik(f, ctx.y, ctx.mask, self.sigma_y)
 
     def target(self, ctx: Batch) -> Callable:
-        """theta -> (log gamma(theta), grad_theta log gamma) with the analytic BNN gradient."""
-        log_norm = -self.prior_log_std.sum() - 0.5 * self.bnn.n_params * LOG_2PI
-        prec = torch.exp(-2 * self.prior_log_std)  # [D]
+        """v -> (log gamma(v), grad_v log gamma). The likelihood's gradient in theta is the BNN's
+        written-out backprop g, and J^T g = (B^T g, g): no extra backward pass for the latent."""
+        r = self.cfg.latent
+        mean, log_std = self.state_prior()                          # [r + D]
+        log_norm = -log_std.sum() - 0.5 * mean.shape[0] * LOG_2PI
+        prec = torch.exp(-2 * log_std)                              # [r + D]
 
-        def value_and_grad(theta):
-            ll, g_lik = self.bnn.loglik_and_grad(theta, ctx, self.sigma_y)   # [T, P], [T, P, D]
-            d = theta - self.prior_mean                                      # [T, P, D]
-            d_prec = d * prec                                                # = -grad log prior
-            log_prior = log_norm - 0.5 * torch.linalg.vecdot(d, d_prec)      # [T, P]
-            return log_prior + ll, g_lik - d_prec
+        def value_and_grad(v):
+            ll, g = self.bnn.loglik_and_grad(self.theta(v), ctx, self.sigma_y)   # [T, P], [T, P, D]
+            if r:
+                g = torch.cat([g @ self.basis, g], -1)                           # J^T g  [T, P, r + D]
+            d = v - mean                                                         # [T, P, r + D]
+            d_prec = d * prec                                                    # = -grad log prior
+            log_prior = log_norm - 0.5 * torch.linalg.vecdot(d, d_prec)          # [T, P]
+            return log_prior + ll, g - d_prec
         return value_and_grad
 
     def q0(self, ctx: Batch):
-        """Mean m [T, D] and log std [T, D] of the amortized initial distribution."""
+        """Mean m [T, r + D] and log std [T, r + D] of the amortized initial distribution."""
         dm, dlogs = self.encoder(ctx)
-        return self.prior_mean + dm, self.prior_log_std + dlogs
+        mean, log_std = self.state_prior()
+        return mean + dm, log_std + dlogs
 
-    def check(self, batch: Batch, name: str = "context") -> Batch:
+    def check(self, batch, name: str = "context") -> Batch:
         return check_compatible(batch, self.cfg.dx, self.cfg.dy, self.prior_mean, name)
 
     def fit(self, data: Batch, gen: torch.Generator) -> list:
@@ -519,40 +744,69 @@ class LDVIMeta(nn.Module):
         """P particles per task from the diffusion started at q0(. | C): (theta [T, P, D], log w [T, P]).
 
         Differentiable end to end in grad mode; call under torch.no_grad() to sample only."""
-        self.check(ctx)
-        _require(P >= 1, "P", "an integer >= 1", P)
+        ctx = self.check(ctx)
+        P = check_samples(P, "P")
+        return self._sample(ctx, P, gen)
+
+    def _sample(self, ctx: Batch, P: int, gen: torch.Generator):
         m, log_s = self.q0(ctx)
-        T, D = m.shape
-        u0 = torch.randn(T, P, D, generator=gen, dtype=m.dtype, device=m.device)  # [T, P, D]
+        T, Dv = m.shape
+        u0 = randn((T, P, Dv), gen, m.dtype, m.device)  # [T, P, r + D]
         steps, refresh, betas = self.schedule()
-        return diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, gen, self.cfg.kernel,
-                         self.cfg.tamed)
+        v, log_w = diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, gen, self.cfg.kernel,
+                             self.cfg.tamed)
+        return self.theta(v), log_w
 
     def predictive(self, ctx: Batch, x_target: torch.Tensor, S: int, gen: torch.Generator):
         """Predictive mixture for the targets: means [T, S, M, dy] and the noise std."""
+        ctx = self.check(ctx)
+        x_target, S = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
         with torch.no_grad():
-            theta, _ = self.sample(ctx, S, gen)
-            return self.bnn(theta, x_target), self.sigma_y
+            theta, _ = self._sample(ctx, S, gen)
+            return finite(self.bnn(theta, x_target), "LDVI predictive"), self.sigma_y
 
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        """Negative mean ELBO over a random context subset of each task (DESIGN 4)."""
+        """Negative mean ELBO over a random context subset of each task."""
         ctx = random_subset(batch, gen, self.cfg.min_context)
-        _, log_w = self.sample(ctx, self.cfg.particles, gen)
+        _, log_w = self._sample(ctx, self.cfg.particles, gen)
         return -elbo(log_w).mean()
 
 
+def finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """t itself, or FloatingPointError naming what produced NaN / inf from finite inputs."""
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(f"{what}: NaN or inf in the output (the model has diverged)")
+    return t
+
+
 # -----------------------------------------------------------------------------
-# evaluation: the same two numbers for every method (DESIGN 5)
+# evaluation: the same two numbers for every method
+
+def _check_prediction(mean, target: Batch):
+    target = make_batch(*target, name="target")
+    T, M, dy = target.y.shape
+    if not isinstance(mean, torch.Tensor) or mean.dim() != 4 or mean.shape[0] != T or mean.shape[2:] != (M, dy):
+        got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+        raise ValueError(f"mean: expected a tensor of shape [T, S, M, dy] = [{T}, S, {M}, {dy}], got {got}")
+    if not torch.isfinite(mean).all():
+        raise ValueError("mean: NaN or inf in the predictive means")
+    return target
+
 
 def log_predictive(mean, std, target: Batch) -> torch.Tensor:
     """Per-task log marginal predictive likelihood of an equal-weight mixture [T]:
     logsumexp_s sum_n log N(y_n; mean_s(x_n), std_s^2) - log S, mean [T, S, M, dy]."""
+    target = _check_prediction(mean, target)
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    if not (torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueError("std: expected finite predictive standard deviations > 0")
     ll = gaussian_loglik(mean, target.y, target.mask, std)  # [T, S]
     return torch.logsumexp(ll, -1) - math.log(mean.shape[1])
 
 
 def mse(mean, target: Batch) -> torch.Tensor:
     """Per-task mean squared error of the mixture mean over the real target points [T]."""
+    target = _check_prediction(mean, target)
     err = (mean.mean(1) - target.y).square().mean(-1)  # [T, M]
     return (err * target.mask).sum(-1) / target.counts.clamp(min=1)
 
@@ -561,18 +815,21 @@ def mse(mean, target: Batch) -> torch.Tensor:
 # meta-training
 
 def train_loop(params, loss_fn: Callable[[int], torch.Tensor], iters: int, lr: float, clip: float,
-               log_every: int = 100, name: str = "train") -> list:
-    """Adam on loss_fn(iteration) with gradient-norm clipping; returns the loss history.
+               log_every: int = 100, name: str = "train", lr_final: float = 1.0) -> list:
+    """Adam on loss_fn(iteration) with gradient-norm clipping and an optional cosine decay of the
+    learning rate to lr * lr_final; returns the loss history.
 
-    Raises FloatingPointError naming the iteration when a loss or gradient turns NaN/inf;
-    prints a one-line progress report on stderr every log_every iterations."""
+    Raises FloatingPointError naming the method and the iteration when a loss or gradient
+    turns NaN/inf; prints a one-line progress report on stderr every log_every iterations."""
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     history, t0 = [], time.perf_counter()
     for it in range(iters):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(it, iters, lr, lr_final)
         loss = loss_fn(it)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: loss is {loss.item()} at iteration {it}")
+            raise FloatingPointError(f"{name}: loss is {loss.item()} at iteration {it} (lower lr or check the data)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -588,6 +845,21 @@ def train_loop(params, loss_fn: Callable[[int], torch.Tensor], iters: int, lr: f
     return [h.item() for h in history]
 
 
+def cosine_lr(it: int, iters: int, lr: float, lr_final: float) -> float:
+    """Learning rate at iteration it: lr at 0, decaying along a half cosine to lr * lr_final."""
+    return lr * (lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * it / max(iters - 1, 1))))
+
+
+def check_training_data(data, dx: int, dy: int, like: torch.Tensor, min_points: int) -> Batch:
+    """Meta-training tasks: a valid Batch with >= 1 task and >= max(1, min_points) points each."""
+    data = check_compatible(data, dx, dy, like, "data")
+    need = max(1, min_points)
+    if data.x.shape[0] == 0 or (data.counts < need).any():
+        raise ValueError(f"data: expected at least one task and >= {need} real points per task, got "
+                         f"{data.x.shape[0]} tasks with counts {data.counts.tolist()[:8]}")
+    return data
+
+
 def task_minibatch(data: Batch, T: int, gen: torch.Generator) -> Batch:
     """T meta-training tasks drawn without replacement (all of them if there are fewer)."""
     idx = torch.randperm(data.x.shape[0], generator=gen, device=data.x.device)[:T]
@@ -596,9 +868,10 @@ def task_minibatch(data: Batch, T: int, gen: torch.Generator) -> Batch:
 
 def meta_train(model: LDVIMeta, data: Batch, gen: torch.Generator, iters: int | None = None) -> list:
     """Maximize the mean ELBO over random context subsets of the meta-training tasks."""
-    model.check(data, "data")
     cfg = model.cfg
+    data = check_training_data(data, cfg.dx, cfg.dy, model.prior_mean, cfg.min_context)
     iters = cfg.iters if iters is None else iters
     return train_loop(model.parameters(),
                       lambda it: model.loss(task_minibatch(data, cfg.tasks_per_batch, gen), gen),
-                      iters, cfg.lr, cfg.clip, cfg.log_every, name=f"ldvi-{cfg.kernel}-K{cfg.K}")
+                      iters, cfg.lr, cfg.clip, cfg.log_every, f"ldvi-{cfg.kernel}-K{cfg.K}-r{cfg.latent}",
+                      cfg.lr_final)

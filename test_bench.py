@@ -1,62 +1,86 @@
-"""Smoke tests of bench.py: the quick run end to end, its JSON, the oracle row, the CLI's
-errors and a user-defined task family."""
+"""Tests of bench.py: the quick run end to end, its JSON and reference rows, results that
+survive a failing method or Ctrl-C, --resume, --save-dir / --load-dir, and user task families."""
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import baselines as bl
 import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ["oracle", "LDVI-underdamped", "LDVI-overdamped", "LDVI K=0 (amortized MFVI)", "NP", "MAML", "BMAML"]
+ROWS = ["oracle", "Bayes-optimal", "Bayes, S draws", *bench.METHODS]
 
 
-def parse_table(text):
-    rows = {}
+def parse_table(text, title="LMLHD"):
+    """Rows of the first Markdown table after the line starting with `title`."""
+    rows, on = {}, False
     for line in text.splitlines():
-        if line.startswith("| ") and not line.startswith("| method"):
+        if line.startswith(title):
+            on = True
+        elif on and line.startswith("| ") and not line.startswith("| method"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
+        elif on and rows and not line.startswith("|"):
+            break
     return rows
+
+
+def files_in(folder):
+    return sorted(os.listdir(folder))
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "quick.json"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--task", "sinusoid", "--quick",
-                           "--quiet", "--out", str(out)], capture_output=True, text=True, cwd=HERE, timeout=600)
+    """The README's smoke run, as a user types it: no --out."""
+    tmp = tmp_path_factory.mktemp("quick")
+    committed = os.path.join(HERE, "results", "sinusoid.json")
+    before = open(committed, "rb").read() if os.path.exists(committed) else None
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--task", "sinusoid", "--quick", "--quiet"],
+                          capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+    after = open(committed, "rb").read() if os.path.exists(committed) else None
+    return proc.stdout, json.loads((tmp / "ldvi_meta_quick" / "sinusoid.json").read_text()), before == after
 
 
-def test_quick_run_has_every_method_and_finite_numbers(quick_run):
-    stdout, _ = quick_run
+def test_quick_run_never_touches_results_and_says_it_is_quick(quick_run):
+    _, result, untouched = quick_run
+    assert untouched and result["config"]["quick"] is True and result["complete"] is True
+
+
+def test_quick_run_has_every_row_and_finite_numbers(quick_run):
+    stdout, _, _ = quick_run
     rows = parse_table(stdout)
-    assert list(rows) == METHODS
+    assert list(rows) == ROWS
     for name, cells in rows.items():
         numbers = [float(v) for cell in cells for v in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", cell)]
         assert numbers and all(math.isfinite(v) for v in numbers), (name, cells)
+    assert list(parse_table(stdout, "Distance to the Bayes-optimal ceiling")) == ROWS
 
 
 def test_json_matches_the_table(quick_run):
-    stdout, result = quick_run
-    rows = parse_table(stdout)
+    stdout, result, _ = quick_run
+    rows, mse_rows = parse_table(stdout), parse_table(stdout, "MSE")
     contexts = result["config"]["contexts"]
-    assert set(result["results"]) == set(METHODS)
+    assert set(result["results"]) == set(ROWS)
     for name, r in result["results"].items():
         for i, n in enumerate(contexts):
             s = r["scores"][str(n)]
             assert rows[name][i].startswith(f"{s['lmlhd']['mean']:.2f}")
-            assert rows[name][len(contexts) + i] == f"{s['mse']['mean']:.3f}"
+            assert mse_rows[name][i] == f"{s['mse']['mean']:.3f}"
+    ceiling = result["results"]["Bayes-optimal"]["scores"]
+    for n in contexts:  # the oracle knows the task, the ceiling only its distribution
+        assert result["results"]["oracle"]["scores"][str(n)]["lmlhd"]["mean"] > ceiling[str(n)]["lmlhd"]["mean"]
 
 
 def test_oracle_row_equals_its_closed_form(quick_run):
-    _, result = quick_run
+    _, result, _ = quick_run
     cfg = result["config"]
     g = torch.Generator().manual_seed(1000 * cfg["seeds"][0] + 2)
     test, clean, _ = bench.make_tasks(bench.sinusoid, cfg["test_tasks"], cfg["test_points"], cfg["noise"], g)
@@ -68,16 +92,77 @@ def test_oracle_row_equals_its_closed_form(quick_run):
             ((test.y - clean) ** 2).mean((1, 2)).median().item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--contexts", "0,100"], "--contexts"), (["--contexts", "a,b"], "--contexts"), (["--samples", "0"], "--samples"),
-    (["--task", "nonexistent"], "--task"), (["--noise", "-1"], "--noise"), (["--K", "-2"], "--K"),
-    (["--device", "tpu"], "--device"), (["--bogus"], "unrecognized"),
-])
-def test_bad_arguments_give_a_usage_error(argv, message):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *argv], capture_output=True, text=True,
-                          cwd=HERE, timeout=120)
-    assert proc.returncode == 2
-    assert "usage:" in proc.stderr and message in proc.stderr
+def diverging_maml(monkeypatch):
+    """MAML with an absurd inner learning rate: its adapted weights overflow to inf."""
+    original = bench.method_configs
+
+    def configs(args):
+        out = original(args)
+        cls, cfg = out["MAML"]
+        cfg.inner_lr = 1e30
+        return out
+    monkeypatch.setattr(bench, "method_configs", configs)
+
+
+def test_a_failing_method_becomes_a_row_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    diverging_maml(monkeypatch)
+    out = tmp_path / "r.json"
+    code = bench.main(["--quick", "--quiet", "--methods", "MAML,NP", "--contexts", "0,4", "--out", str(out)])
+    assert code == 1
+    result = json.loads(out.read_text())
+    assert result["results"]["MAML"]["status"] == "failed" and "maml" in result["results"]["MAML"]["error"]
+    assert result["results"]["NP"]["status"] == "ok" and result["results"]["oracle"]["status"] == "ok"
+    rows = parse_table(capsys.readouterr().out)
+    assert rows["MAML"][0].startswith("FAILED") and not rows["NP"][0].startswith("FAILED")
+    assert files_in(tmp_path) == ["r.json"]  # the partial file is gone once the run has finished
+
+
+def test_resume_reuses_finished_methods_and_save_load_skip_training(tmp_path, monkeypatch, capsys):
+    out, models = tmp_path / "r.json", tmp_path / "models"
+    fits = []
+    fit = bl.NeuralProcess.fit
+    monkeypatch.setattr(bl.NeuralProcess, "fit", lambda self, *a: fits.append("NP") or fit(self, *a))
+
+    def interrupt(self, *a):  # MAML is reached after NP has finished: Ctrl-C there
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bl.MAML, "fit", interrupt)
+    argv = ["--quick", "--quiet", "--methods", "NP,MAML", "--contexts", "0,4", "--out", str(out),
+            "--save-dir", str(models)]
+    assert bench.main(argv) == 130 and not out.exists()
+    partial = json.loads((tmp_path / "r.partial.json").read_text())
+    assert partial["complete"] is False and partial["per_seed"][0]["NP"]["status"] == "ok"
+    monkeypatch.undo()
+    monkeypatch.setattr(bl.NeuralProcess, "fit", lambda self, *a: fits.append("NP again") or fit(self, *a))
+    assert bench.main(argv + ["--resume"]) == 0
+    assert fits == ["NP"]  # NP was not trained again
+    result = json.loads(out.read_text())
+    assert result["per_seed"][0]["NP"] == partial["per_seed"][0]["NP"]
+    assert sorted(files_in(models)) == ["sinusoid_seed0_MAML.pt", "sinusoid_seed0_NP.pt"]
+    # --load-dir evaluates the saved models without training and gives the same numbers
+    out2 = tmp_path / "loaded.json"
+    assert bench.main(argv[:-4] + ["--out", str(out2), "--load-dir", str(models)]) == 0
+    loaded = json.loads(out2.read_text())
+    for name in ("NP", "MAML"):
+        assert loaded["results"][name]["scores"] == result["results"][name]["scores"]
+    assert fits == ["NP"]
+    capsys.readouterr()
+
+
+def test_ctrl_c_leaves_the_results_file_unchanged_and_no_temporary_file(tmp_path):
+    out = tmp_path / "sinusoid.json"
+    out.write_text('{"committed": true}')
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--out", str(out),
+                             "--plot", str(tmp_path / "fig.png"), "--methods", "LDVI-overdamped,NP,MAML"],
+                            cwd=HERE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until the second method is training, then press Ctrl-C
+        if "training NP" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stderr.read()
+    assert proc.wait(timeout=120) == 130
+    assert out.read_text() == '{"committed": true}'
+    assert files_in(tmp_path) == ["sinusoid.json", "sinusoid.partial.json"]  # no temporary file, no half plot
+    assert json.loads((tmp_path / "sinusoid.partial.json").read_text())["per_seed"][0]["LDVI-overdamped"]["status"] == "ok"
 
 
 def test_user_defined_task_family_runs_through_the_same_path(tmp_path, monkeypatch, capsys):
@@ -88,18 +173,37 @@ def test_user_defined_task_family_runs_through_the_same_path(tmp_path, monkeypat
         "    return lambda x: a * x ** 2\n")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "quad.json"
-    bench.main(["--task", "my_tasks:quadratic", "--quick", "--quiet", "--iters", "3", "--contexts", "0,4",
-                "--out", str(out)])
-    rows = parse_table(capsys.readouterr().out)
-    assert list(rows) == METHODS
+    assert bench.main(["--task", "my_tasks:quadratic", "--quick", "--quiet", "--iters", "3", "--contexts", "0,4",
+                       "--methods", "LDVI-overdamped,MAML", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert list(parse_table(text)) == ["oracle", "LDVI-overdamped", "MAML"]
+    assert "no Bayes-optimal rows" in text
     assert json.loads(out.read_text())["config"]["task"] == "my_tasks:quadratic"
 
 
-def test_linesine_family_mixes_lines_and_sines():
+def test_plot_format_follows_the_extension(tmp_path, capsys):
+    pdf = tmp_path / "fig.pdf"
+    assert bench.main(["--quick", "--quiet", "--methods", "MAML", "--contexts", "0,1", "--out",
+                       str(tmp_path / "r.json"), "--plot", str(pdf)]) == 0
+    assert pdf.read_bytes()[:5] == b"%PDF-" and files_in(tmp_path) == ["fig.pdf", "r.json"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("family", ["sinusoid", "linesine"])
+@pytest.mark.parametrize("noise", [0.05, 0.1, 0.25, 0.5])
+def test_every_method_trains_at_every_reasonable_noise_level(family, noise):
+    """The benchmark's own configurations (smaller batches to keep the suite fast), a few dozen
+    iterations on data with this noise: finite losses and finite predictions for every method."""
+    args = bench.parse_args(["--task", family, "--noise", str(noise), "--iters", "30", "--out", os.devnull])
     g = torch.Generator().manual_seed(0)
-    f = bench.linesine(400, g)
-    x = torch.linspace(-5, 5, 50).view(1, 50, 1).expand(400, 50, 1)
-    y = f(x)
-    second_diff = (y[:, 2:] - 2 * y[:, 1:-1] + y[:, :-2]).abs().amax((1, 2))
-    share_lines = (second_diff < 1e-4).float().mean().item()
-    assert 0.4 < share_lines < 0.6
+    train, _, _ = bench.make_tasks(args.family, 32, 16, noise, g)
+    test, _, _ = bench.make_tasks(args.family, 4, 32, noise, g)
+    for name, (cls, cfg) in bench.method_configs(args).items():
+        cfg.log_every, cfg.tasks_per_batch = 0, 4
+        if hasattr(cfg, "particles") and name.startswith("LDVI"):
+            cfg.particles = 4
+        model = cls(cfg, torch.Generator().manual_seed(1))
+        losses = model.fit(train, g)
+        assert all(math.isfinite(v) for v in losses), (name, noise)
+        mean, std = model.predictive(bench.lm.first_n(test, 8), test.x, 16, g)
+        assert torch.isfinite(mean).all() and torch.isfinite(torch.as_tensor(std)).all(), (name, noise)

@@ -1,6 +1,7 @@
 """Property tests for ldvi_meta.py: exactness of the kernels, reduction to mean-field VI,
-bounds on a conjugate model, the batched BNN against loops, the encoder's symmetries,
-seeding and input validation. Exactness is checked in float64."""
+bounds on a conjugate model, the structured prior (analytic score, prior moments, r = 0 is
+the diagonal model), the batched BNN against loops, the encoder's symmetries, the random
+draws, the HMC gold standard, seeding and input validation. Exactness is checked in float64."""
 import math
 
 import pytest
@@ -37,7 +38,7 @@ def sinusoid_batch(T, N, g, dtype=torch.float32):
 
 
 def small_model(g, **kw):
-    cfg = dict(hidden=(8, 8), enc_hidden=16, enc_dim=8, K=3, particles=4, tasks_per_batch=4, log_every=0)
+    cfg = dict(hidden=(8, 8), enc_hidden=16, enc_dim=8, K=3, latent=3, particles=4, tasks_per_batch=4, log_every=0)
     cfg.update(kw)
     return LDVIMeta(LDVIConfig(**cfg), g)
 
@@ -102,17 +103,97 @@ def test_both_kernels_are_the_same_method_at_K0():
     assert all(torch.equal(a, b) for a, b in zip(*out.values()))
 
 
-def test_model_with_K0_is_mean_field_vi():
-    model = small_model(gen(0), K=0).double()
-    with torch.no_grad():  # move q0 away from the prior so the test is not trivial
+def perturbed(model, seed=5, scale=0.1):
+    """Move q0 away from the prior (non-zero encoder heads) and B away from ~0, so tests are not trivial."""
+    with torch.no_grad():
         for p in model.encoder.head[-1].parameters():
-            p.normal_(0, 0.1, generator=gen(5))
+            p.normal_(0, scale, generator=gen(seed))
+        if model.cfg.latent:
+            model.basis.normal_(0, 0.3, generator=gen(seed + 1))
+    return model
+
+
+@pytest.mark.parametrize("latent", [0, 3])
+def test_model_with_K0_is_mean_field_vi(latent):
+    model = perturbed(small_model(gen(0), K=0, latent=latent).double())
     data = sinusoid_batch(3, 5, gen(1), F64)
     _, log_w = model.sample(data, 6, gen(2))
     m, log_s = model.q0(data)
-    u0 = torch.randn(3, 6, model.bnn.n_params, generator=gen(2), dtype=F64)  # the sampler's first draw
-    _, ref = mean_field_reference(lambda th: model.log_joint(th, data), m, log_s, u0)
+    u0 = torch.randn(3, 6, latent + model.bnn.n_params, generator=gen(2), dtype=F64)  # the sampler's first draw
+    _, ref = mean_field_reference(lambda v: model.log_joint(v, data), m, log_s, u0)
     assert torch.allclose(log_w, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_structured_model_is_exact_when_q0_is_the_posterior(kernel):
+    """Empty context: the target is the prior over v = (z, theta_res), and q0 starts at the
+    prior, so every log w must be log Z = 0 with r > 0, for any kernel parameters."""
+    model = small_model(gen(0), K=4, latent=3, kernel=kernel).double()
+    with torch.no_grad():
+        model.raw_steps.uniform_(-1, 1, generator=gen(1))
+        model.raw_refresh.uniform_(-2, 2, generator=gen(2))
+        model.raw_betas.uniform_(-2, 2, generator=gen(3))
+        model.basis.normal_(0, 0.5, generator=gen(4))
+    empty = lm.first_n(sinusoid_batch(3, 5, gen(5), F64), 0)
+    _, log_w = model.sample(empty, 8, gen(6))
+    assert torch.allclose(log_w, torch.zeros_like(log_w), atol=1e-10)
+
+
+def test_structured_model_with_zero_steps_is_mean_field_vi():
+    """Underdamped, h = 0 at K = 4, r > 0: log w = log gamma(v_0) - log q0(v_0) sample by sample."""
+    model = perturbed(small_model(gen(0), K=4, latent=3).double())
+    with torch.no_grad():
+        model.raw_steps.fill_(-1e4)  # softplus(-1e4) = 0 in float64
+    data = sinusoid_batch(2, 6, gen(1), F64)
+    theta, log_w = model.sample(data, 5, gen(2))
+    m, log_s = model.q0(data)
+    u0 = torch.randn(2, 5, m.shape[-1], generator=gen(2), dtype=F64)
+    v0, ref = mean_field_reference(lambda v: model.log_joint(v, data), m, log_s, u0)
+    assert torch.allclose(log_w, ref, atol=1e-9) and torch.allclose(theta, model.theta(v0), atol=1e-12)
+
+
+def test_structured_target_matches_autograd():
+    """The analytic score (BNN backprop and J^T g = (B^T g, g)) against autograd of log_joint."""
+    model = perturbed(small_model(gen(0), latent=3).double())
+    g = gen(1)
+    data = lm.make_batch(*sinusoid_batch(3, 6, g, F64)[:2], torch.rand(3, 6, generator=g) > 0.4)
+    for ctx in (data, lm.first_n(data, 0)):
+        v = model.sample_prior(3, 4, g)
+        value, grad = model.target(ctx)(v)
+        ref_value, ref_grad = lm.autograd_target(lambda v: model.log_joint(v, ctx))(v)
+        assert torch.allclose(value, ref_value, atol=1e-10) and torch.allclose(grad, ref_grad, atol=1e-10)
+
+
+def test_structured_prior_has_the_low_rank_plus_diagonal_covariance():
+    model = small_model(gen(0), hidden=(2,), latent=2).double()   # D = 7
+    with torch.no_grad():
+        model.basis.normal_(0, 0.5, generator=gen(1))
+        model.prior_log_std.uniform_(-2, -0.5, generator=gen(2))
+    theta = model.theta(model.sample_prior(1, 400_000, gen(3)))[0]       # [P, D]
+    B, sigma = model.basis.detach(), model.prior_log_std.detach().exp()
+    cov = B @ B.T + torch.diag(sigma ** 2)
+    emp = torch.cov(theta.T)
+    assert torch.allclose(theta.mean(0), model.prior_mean.detach(), atol=0.01)
+    assert (emp - cov).abs().max() < 0.01 * cov.diagonal().max(), (emp - cov).abs().max()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_diagonal_prior_r0_is_the_theta_space_model(kernel):
+    """r = 0 is the plain model with q0(theta | C) = N(mu + dm, diag (sigma e^dlogs)^2) and the
+    target N(theta; mu, diag sigma^2) p(C | theta): written here independently, with autograd."""
+    model = perturbed(small_model(gen(0), latent=0, kernel=kernel).double())
+    assert not hasattr(model, "basis") and model.encoder.head[-1].out_features == 2 * model.bnn.n_params
+    data = sinusoid_batch(3, 5, gen(1), F64)
+    theta, log_w = model.sample(data, 6, gen(2))
+    dm, dlogs = model.encoder(data)
+    mu, log_sigma = model.prior_mean, model.prior_log_std
+    target = lm.autograd_target(lambda th: lm.diag_normal_logpdf(th, mu, log_sigma) + lm.gaussian_loglik(
+        model.bnn(th, data.x), data.y, data.mask, model.sigma_y))
+    g = gen(2)
+    u0 = torch.randn(3, 6, model.bnn.n_params, generator=g, dtype=F64)
+    steps, refresh, betas = model.schedule()
+    ref_theta, ref_log_w = lm.diffusion(target, mu + dm, log_sigma + dlogs, u0, steps, refresh, betas, g, kernel)
+    assert torch.allclose(theta, ref_theta, atol=1e-10) and torch.allclose(log_w, ref_log_w, atol=1e-8)
 
 
 def test_analytic_bnn_gradient_matches_autograd():
@@ -290,7 +371,9 @@ def test_q0_starts_at_the_prior_and_empty_context_targets_the_prior():
     model = small_model(gen(6))
     data = sinusoid_batch(2, 5, gen(7))
     m, log_s = model.q0(data)
-    assert torch.equal(m, model.prior_mean.expand_as(m)) and torch.equal(log_s, model.prior_log_std.expand_as(m))
+    mean, log_std = model.state_prior()
+    assert torch.equal(m, mean.expand_as(m)) and torch.equal(log_s, log_std.expand_as(m))
+    assert torch.equal(mean[:3], torch.zeros(3)) and torch.equal(log_std[:3], torch.zeros(3))  # z ~ N(0, I)
     # empty context and K = 0: q0 = prior = target, so every log w is exactly 0 = log Z
     _, log_w = small_model(gen(6), K=0).sample(lm.first_n(data, 0), 4, gen(8))
     assert torch.allclose(log_w, torch.zeros_like(log_w), atol=1e-4)
@@ -359,7 +442,9 @@ def test_nan_during_training_is_reported_with_the_iteration():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(K=-1), "K"), (dict(kernel="leapfrog"), "kernel"), (dict(step_init=0.0), "step_init"),
     (dict(refresh_init=1.0), "refresh_init"), (dict(particles=0), "particles"), (dict(lr=float("nan")), "lr"),
-    (dict(hidden=(40, 0)), "hidden"),
+    (dict(hidden=(40, 0)), "hidden"), (dict(K=2.5), "K: expected an integer"), (dict(K="5"), "K: expected an integer"),
+    (dict(hidden=40), "hidden: expected a tuple"), (dict(dx=1.5), "dx"), (dict(latent=-1), "latent"),
+    (dict(lr_final=0.0), "lr_final"), (dict(tamed="yes"), "tamed"), (dict(K=True), "K"),
 ])
 def test_bad_config_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -412,3 +497,66 @@ def test_bad_diffusion_parameters():
             lm.diffusion(tgt, m, log_s, u0, steps, refresh, betas, g, kernel)
     with pytest.raises(ValueError, match="u0/m/log_s"):
         lm.diffusion(tgt, m, log_s, torch.zeros(1, 3, 4), ok, ok, ok, g)
+
+
+# -----------------------------------------------------------------------------
+# the threaded random draws, the learning-rate schedule, the HMC gold standard
+
+def test_large_draws_depend_on_the_generator_only(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    shape = (2, 3, lm.RNG_BLOCK)                     # 6 blocks
+    draws = []
+    for threads in (1, 3):
+        monkeypatch.setattr(lm, "_rng_pool", ThreadPoolExecutor(threads))
+        draws.append(lm.randn(shape, gen(7)))
+    assert torch.equal(*draws)                       # same numbers for any thread count
+    x = draws[0].view(6, -1)
+    assert not torch.equal(x[0], x[1])               # every block has its own stream
+    assert abs(x.mean()) < 0.005 and abs(x.std() - 1) < 0.005
+    assert not torch.equal(lm.randn(shape, gen(8)), draws[0])
+    with pytest.raises(ValueError, match="gen: expected a generator on cuda"):
+        lm.randn((2, 2), gen(0), device="cuda")
+
+
+def test_cosine_learning_rate_reaches_lr_final():
+    lrs = [lm.cosine_lr(it, 50, 0.1, 0.1) for it in range(50)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert all(lm.cosine_lr(it, 50, 0.1, 1.0) == pytest.approx(0.1) for it in range(50))
+
+
+def gaussian_target(mean, cov):
+    prec = torch.linalg.inv(cov)
+
+    def target(v):  # v [T, C, D]
+        d = v - mean.unsqueeze(1)                                     # [T, C, D]
+        g = -d @ prec                                                 # prec is symmetric
+        return 0.5 * (d * g).sum(-1), g
+    return target
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_hmc_recovers_gaussian_moments(correlated):
+    g = gen(11)
+    T, C, D = 2, 256, 3
+    mean = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]], dtype=F64)
+    A = torch.randn(D, D, generator=g, dtype=F64) if correlated else torch.diag(torch.tensor([0.5, 2.0, 1.0], dtype=F64))
+    cov = A @ A.T + 0.1 * torch.eye(D, dtype=F64)
+    v0 = 3 * torch.randn(T, C, D, generator=g, dtype=F64)            # overdispersed starts
+    inv_mass = cov.diagonal().expand(T, 1, D)                       # a diagonal mass matrix
+    draws, values, acc = lm.hmc(gaussian_target(mean, cov), v0, inv_mass, g, warmup=200, draws=200, n_leapfrog=8)
+    x = draws.reshape(T, -1, D)                                     # [T, C * draws, D]
+    for t in range(T):
+        assert torch.allclose(x[t].mean(0), mean[t], atol=0.1 * cov.diagonal().max().sqrt())
+        assert (torch.cov(x[t].T) - cov).abs().max() < 0.1 * cov.diagonal().max()
+    assert ((acc > 0.6) & (acc < 0.95)).all(), acc                 # adapted towards 0.75 (dual averaging ends a bit above)
+    assert (lm.split_rhat(values) < 1.05).all()
+
+
+def test_split_rhat_flags_chains_that_disagree():
+    g = gen(12)
+    mixed = torch.randn(1, 8, 200, generator=g, dtype=F64)
+    stuck = mixed + torch.arange(8, dtype=F64).view(1, 8, 1)       # every chain in its own place
+    drift = mixed + torch.linspace(0, 10, 200, dtype=F64)           # not stationary within chains
+    rhat = lm.split_rhat(torch.cat([mixed, stuck, drift]))
+    assert rhat[0] < 1.02 and rhat[1] > 1.5 and rhat[2] > 1.5
