@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, WIDTHS, BOOL, BNN, Batch, SaveLoad, SetEncoder, _is_real,
+from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, SAMPLE_BLOCK, WIDTHS, BOOL, BNN, Batch, SaveLoad, SetEncoder,
+                       _is_real,
                        _require, _require_fields, check_compatible, check_inputs, check_samples,
                        check_training_data, finite, gaussian_loglik, mlp, random_subset, task_minibatch, train_loop)
 
@@ -325,5 +326,8 @@ class NeuralProcess(SaveLoad, nn.Module):
         x_target, S = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
         with torch.no_grad():
             mu, log_std = self.posterior(ctx)
-            mean, std = self.decode(self._sample_z(mu, log_std, S, gen), x_target)
+            z = self._sample_z(mu, log_std, S, gen)                             # [T, S, z_dim]
+            # decoded in blocks of particles, like ours: [T, block, M, hidden] stays in cache
+            mean, std = (torch.cat(parts, 1) for parts in zip(*(self.decode(z[:, s:s + SAMPLE_BLOCK], x_target)
+                                                                 for s in range(0, S, SAMPLE_BLOCK))))
             return finite(mean, "NP predictive"), finite(std, "NP predictive std")
