@@ -105,7 +105,8 @@ def task_chunks(batch: lm.Batch, chunk: int) -> list:
             for a in range(0, batch.x.shape[0], chunk)]
 
 
-def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chunk: int, name: str = ""):
+def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chunk: int, name: str = "",
+             progress: bool = True):
     """Per-task LMLHD and MSE [T] for every context size, one batched call per chunk of tasks;
     returns ({n: (lmlhd, mse)}, ms per task). Progress with an ETA on stderr."""
     out, t0 = {}, time.perf_counter()
@@ -120,7 +121,7 @@ def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chun
         if not (torch.isfinite(out[n][0]).all() and torch.isfinite(out[n][1]).all()):
             raise FloatingPointError(f"{name}: non-finite predictive scores at context size {n}")
         el = time.perf_counter() - t0
-        if name:
+        if progress:
             print(f"[bench] {name}: evaluated n = {n} ({i + 1}/{len(contexts)}), {el:.0f}s, "
                   f"eta {el / (i + 1) * (len(contexts) - i - 1):.0f}s", file=sys.stderr, flush=True)
     return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * T)
@@ -205,7 +206,7 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
                     model.save(path(args.save_dir))
             train_s = time.perf_counter() - t0
             print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
-            scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name)
+            scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name, not args.quiet)
             rows[name] = dict(status="ok", scores=medians(scores), train_s=train_s, ms_per_task=ms,
                               params=n_params(model), config=asdict(model.cfg))
             models[name], per_task[name] = model, {n: lp for n, (lp, _) in scores.items()}
@@ -219,6 +220,9 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
         save_partial(rows)
     if args.plot and seed == args.seed and models:
         plot(args.plot, models, test, f_true, args, g(6))
+        if any(isinstance(m, lm.LDVIMeta) for m in models.values()):
+            stem, ext = os.path.splitext(args.plot)
+            plot_prior(f"{stem}_prior{ext}", models, g(9))
     return rows
 
 
@@ -232,7 +236,7 @@ def gold_rows(args, rows, models, per_task, test, gen, seed):
         gold = Gold(model, **args.hmc, name=f"seed {seed} {name}")
         try:
             t0 = time.perf_counter()
-            scores, ms = evaluate(gold, sub, contexts, args.samples, gen, args.gold, f"{name} gold")
+            scores, ms = evaluate(gold, sub, contexts, args.samples, gen, args.gold, f"{name} gold", not args.quiet)
         except Exception as e:  # noqa: BLE001
             rows[f"gold: {name}"] = dict(status="failed", error=f"{type(e).__name__}: {e}")
             continue
@@ -376,6 +380,30 @@ def plot(path: str, models: dict, test: lm.Batch, f_true, args, gen) -> None:
                     ax.set_title(f"task {t}, n = {n}", fontsize=9)
                 if k * len(sizes) + j == 0:
                     ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fmt_ = os.path.splitext(path)[1][1:].lower()
+    write_atomic(path, lambda fh, tmp: fig.savefig(fh, format=fmt_, dpi=80), mode="wb")
+    plt.close(fig)
+
+
+def plot_prior(path: str, models: dict, gen) -> None:
+    """Functions drawn from the meta-learned prior of every LDVI model (no context at all):
+    what the model believes a task looks like before it sees any data."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = {k: m for k, m in models.items() if isinstance(m, lm.LDVIMeta)}
+    fig, axes = plt.subplots(1, len(ours), figsize=(3.2 * len(ours), 2.6), squeeze=False, sharey=True)
+    for ax, (name, model) in zip(axes[0], ours.items()):
+        mean = model.prior_mean
+        grid = torch.linspace(-5, 5, 200, device=mean.device, dtype=mean.dtype).view(1, 200, 1)
+        with torch.no_grad():
+            f = model.bnn(model.theta(model.sample_prior(1, 12, gen)), grid)[0, :, :, 0].cpu()  # [12, 200]
+        for s in range(f.shape[0]):
+            ax.plot(grid[0, :, 0].cpu(), f[s], lw=1)
+        ax.set_title(f"{name} (r = {model.cfg.latent})", fontsize=9)
+        ax.set_ylim(-7, 7)
     fig.tight_layout()
     fmt_ = os.path.splitext(path)[1][1:].lower()
     write_atomic(path, lambda fh, tmp: fig.savefig(fh, format=fmt_, dpi=80), mode="wb")
@@ -530,7 +558,8 @@ def parse_args(argv=None):
     p.add_argument("--gold", type=int, default=0, help="HMC gold standard on the first N test tasks (0: none)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON results (default results/<task>.json; --quick: a temp folder)")
-    p.add_argument("--plot", default=None, help="figure of every method's predictive (format from the extension)")
+    p.add_argument("--plot", default=None, help="figure of every method's predictive (format from the extension); "
+                                               "also <name>_prior.<ext> with function samples from ours' priors")
     p.add_argument("--save-dir", default=None, help="save every trained model here (one .pt file each)")
     p.add_argument("--load-dir", default=None, help="evaluate the models saved here by --save-dir, no training")
     p.add_argument("--resume", action="store_true",
