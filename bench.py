@@ -137,7 +137,8 @@ def medians(per_task: dict) -> dict:
 class Gold:
     """predictive() of a trained LDVIMeta with the diffusion replaced by a long batched HMC
     (chains started from the prior, mass matrix from q0's scales, step size adapted in
-    warm-up); S draws are taken evenly from the kept part of all chains."""
+    warm-up); S draws are taken evenly from the kept part of all chains. Convergence: the
+    split R-hat across chains of the context log-likelihood log p(C | theta)."""
 
     def __init__(self, model: lm.LDVIMeta, chains: int, warmup: int, draws: int, n_leapfrog: int, name: str):
         self.model, self.chains, self.warmup, self.draws, self.n_leapfrog = model, chains, warmup, draws, n_leapfrog
@@ -146,16 +147,19 @@ class Gold:
     def predictive(self, ctx: lm.Batch, x_target, S: int, gen: torch.Generator):
         model = self.model
         ctx = model.check(ctx)
-        n = int(ctx.counts.max())
+        n, C = int(ctx.counts.max()), self.chains
+        loglik = lambda v: lm.gaussian_loglik(model.bnn(model.theta(v), ctx.x), ctx.y, ctx.mask,  # noqa: E731
+                                              model.sigma_y)                                    # [T, C]
         with torch.no_grad():
             m, log_s = model.q0(ctx)                                                 # [T, r + D]
-            v0 = model.sample_prior(ctx.x.shape[0], self.chains, gen)                # [T, C, r + D]
-            v, values, acc = lm.hmc(model.target(ctx), v0, (2 * log_s).exp().unsqueeze(1), gen, self.warmup,
-                                    self.draws, self.n_leapfrog, progress=f"{self.name} gold n={n}")
-            T, C, N, Dv = v.shape
-            keep = torch.linspace(0, C * N - 1, S).round().long()                    # S of the C * N draws
+            v0 = model.sample_prior(ctx.x.shape[0], C, gen)                          # [T, C, r + D]
+            v, trace, acc = lm.hmc(model.target(ctx), v0, (2 * log_s).exp().unsqueeze(1), gen, self.warmup,
+                                   self.draws, self.n_leapfrog, thin=max(1, self.draws * C // S), trace=loglik,
+                                   progress=f"{self.name} gold n={n}" if self.name else "")
+            T, _, N, Dv = v.shape
+            keep = torch.linspace(0, C * N - 1, S).round().long()                    # S of the C * N kept draws
             v = v.transpose(1, 2).reshape(T, N * C, Dv)[:, keep]                     # [T, S, r + D]
-            self.stats[n] = dict(accept=acc.tolist(), rhat=lm.split_rhat(values).tolist())
+            self.stats[n] = dict(accept=acc.tolist(), rhat_loglik=lm.split_rhat(trace).tolist())
             return lm.finite(model.bnn(model.theta(v), x_target), "gold"), model.sigma_y
 
 
@@ -233,7 +237,7 @@ def gold_rows(args, rows, models, per_task, test, gen, seed):
     for name, model in models.items():
         if not isinstance(model, lm.LDVIMeta):
             continue
-        gold = Gold(model, **args.hmc, name=f"seed {seed} {name}")
+        gold = Gold(model, **args.hmc, name="" if args.quiet else f"seed {seed} {name}")
         try:
             t0 = time.perf_counter()
             scores, ms = evaluate(gold, sub, contexts, args.samples, gen, args.gold, f"{name} gold", not args.quiet)
@@ -247,7 +251,9 @@ def gold_rows(args, rows, models, per_task, test, gen, seed):
             tasks=args.gold, hmc=dict(args.hmc), convergence={str(n): s for n, s in gold.stats.items()},
             inference_gap={n: (ours[n] - scores[n][0]).median().item() for n in contexts},
             model_gap=({n: (scores[n][0] - bayes[n][:args.gold]).median().item() for n in contexts} if bayes else None),
-            ours_on_gold_tasks={n: ours[n].median().item() for n in contexts})
+            ours_on_gold_tasks={n: ours[n].median().item() for n in contexts},
+            rhat_median={n: torch.tensor(gold.stats[n]["rhat_loglik"]).median().item() for n in contexts},
+            accept_median={n: torch.tensor(gold.stats[n]["accept"]).median().item() for n in contexts})
 
 
 # -----------------------------------------------------------------------------
@@ -270,7 +276,7 @@ def aggregate(per_seed: list) -> dict:
                          scores={n: {k: stats([r["scores"][n][k] for r in runs]) for k in ("lmlhd", "mse")}
                                  for n in first["scores"]},
                          **{k: stats([r[k] for r in runs]) for k in ("train_s", "ms_per_task")})
-        for key in ("inference_gap", "model_gap", "ours_on_gold_tasks"):
+        for key in ("inference_gap", "model_gap", "ours_on_gold_tasks", "rhat_median", "accept_median"):
             if first.get(key):
                 agg[name][key] = {n: stats([r[key][n] for r in runs]) for n in first[key]}
     return agg
@@ -319,6 +325,9 @@ def table(agg: dict, contexts, test_points: int) -> str:
             if r.get("model_gap"):
                 rows.append("| " + " | ".join(["model gap: gold - Bayes-optimal"] + [fmt(r["model_gap"][n], 2)
                                                                                       for n in ns]) + " |")
+            rows.append("| " + " | ".join(["HMC acceptance / split R-hat of log p(C given theta)"] +
+                                          [f"{r['accept_median'][n]['mean']:.2f} / {r['rhat_median'][n]['mean']:.2f}"
+                                           for n in ns]) + " |")
         text += "\n\nGold standard on the first test tasks (medians over those tasks)\n\n" + "\n".join(rows)
     return text
 
@@ -610,7 +619,7 @@ def check_args(args) -> None:
             raise ValueError(f"--gold: expected at most --test-tasks = {args.test_tasks} tasks, got {args.gold}")
         if not any(m.startswith("LDVI") for m in args.methods):
             raise ValueError("--gold: needs at least one LDVI method in --methods")
-    args.hmc = dict(chains=128, warmup=200, draws=100, n_leapfrog=10) if not args.quick else \
+    args.hmc = dict(chains=64, warmup=300, draws=160, n_leapfrog=10) if not args.quick else \
         dict(chains=8, warmup=10, draws=10, n_leapfrog=3)
     args.bayes_draws = 1 << 15 if not args.quick else 1 << 10
     base = dict(ldvi=2400, np=3000, maml=1500, bmaml=1000) if not args.quick else dict(ldvi=15, np=15, maml=15, bmaml=15)

@@ -539,10 +539,12 @@ def hmc_step(state: HMCState, target: Callable, eps, n_leapfrog: int, inv_mass, 
 
 
 def hmc(target: Callable, v0, inv_mass, gen, warmup: int = 200, draws: int = 100, n_leapfrog: int = 10,
-        accept_target: float = 0.75, progress: str = ""):
+        thin: int = 1, trace: Callable | None = None, accept_target: float = 0.75, progress: str = ""):
     """Run C chains per task from v0 [T, C, D]: `warmup` transitions that adapt one step size
-    per task by dual averaging towards the target acceptance [10], then `draws` transitions
-    kept. Returns (draws [T, C, draws, D], log gamma [T, C, draws], mean acceptance [T])."""
+    per task by dual averaging towards the target acceptance [10], then `draws` transitions,
+    every `thin`-th of which is kept. Returns (kept states [T, C, draws // thin, D], the trace
+    [T, C, draws] of trace(v) -> [T, C] (default log gamma) for convergence checks, mean
+    acceptance after warm-up [T])."""
     T, C, D = v0.shape
     state = HMCState(v0, *target(v0))
     log_eps = torch.full((T, 1, 1), math.log(0.1 / math.sqrt(D)), dtype=v0.dtype, device=v0.device)
@@ -557,8 +559,9 @@ def hmc(target: Callable, v0, inv_mass, gen, warmup: int = 200, draws: int = 100
             log_eps = mu - math.sqrt(t) / 0.05 * h_bar
             log_eps_bar = t ** -0.75 * log_eps + (1 - t ** -0.75) * log_eps_bar
         else:
-            kept.append(state.v)
-            values.append(state.value)
+            if (it - warmup + 1) % thin == 0:
+                kept.append(state.v)
+            values.append(state.value if trace is None else trace(state.v))
             acc_sum += acc.mean(-1)
         if progress and (it + 1) % 50 == 0:
             print(f"[{progress}] HMC {it + 1}/{warmup + draws}  {time.perf_counter() - t0:.0f}s", file=sys.stderr,

@@ -207,3 +207,17 @@ def test_every_method_trains_at_every_reasonable_noise_level(family, noise):
         assert all(math.isfinite(v) for v in losses), (name, noise)
         mean, std = model.predictive(bench.lm.first_n(test, 8), test.x, 16, g)
         assert torch.isfinite(mean).all() and torch.isfinite(torch.as_tensor(std)).all(), (name, noise)
+
+
+def test_gold_rows_report_the_gaps_and_hmc_diagnostics(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert bench.main(["--quick", "--quiet", "--gold", "3", "--methods", "LDVI-overdamped,MAML", "--contexts", "0,2,4",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    gold = result["results"]["gold: LDVI-overdamped"]
+    assert set(gold["inference_gap"]) == {"2", "4"} and "gold: MAML" not in result["results"]  # n >= 1, LDVI only
+    for key in ("inference_gap", "model_gap", "ours_on_gold_tasks", "rhat_median", "accept_median"):
+        assert all(math.isfinite(v["mean"]) for v in gold[key].values()), key
+    stats = result["per_seed"][0]["gold: LDVI-overdamped"]["convergence"]["2"]
+    assert len(stats["accept"]) == len(stats["rhat_loglik"]) == 3 and all(0 <= a <= 1 for a in stats["accept"])
+    assert "inference gap: ours - gold" in capsys.readouterr().out
