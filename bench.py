@@ -332,24 +332,16 @@ def table(agg: dict, contexts, test_points: int) -> str:
     return text
 
 
-def write_atomic(path: str, write, mode: str = "w") -> None:
-    """Write whole or not at all: a temporary file in the same folder (same suffix), then rename.
-    An interruption (Ctrl-C included) removes the temporary file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a results file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json_atomic(path: str, obj) -> None:
-    write_atomic(path, lambda fh, _: json.dump(obj, fh, indent=1))
+    lm.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1))
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure atomically, in the format of path's extension."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    lm.write_atomic(path, lambda fh: fig.savefig(fh, format=os.path.splitext(path)[1][1:].lower(), dpi=80), mode="wb")
+    plt.close(fig)
 
 
 def plot(path: str, models: dict, test: lm.Batch, f_true, args, gen) -> None:
@@ -389,10 +381,7 @@ def plot(path: str, models: dict, test: lm.Batch, f_true, args, gen) -> None:
                     ax.set_title(f"task {t}, n = {n}", fontsize=9)
                 if k * len(sizes) + j == 0:
                     ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout()
-    fmt_ = os.path.splitext(path)[1][1:].lower()
-    write_atomic(path, lambda fh, tmp: fig.savefig(fh, format=fmt_, dpi=80), mode="wb")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_prior(path: str, models: dict, gen) -> None:
@@ -413,10 +402,7 @@ def plot_prior(path: str, models: dict, gen) -> None:
             ax.plot(grid[0, :, 0].cpu(), f[s], lw=1)
         ax.set_title(f"{name} (r = {model.cfg.latent})", fontsize=9)
         ax.set_ylim(-7, 7)
-    fig.tight_layout()
-    fmt_ = os.path.splitext(path)[1][1:].lower()
-    write_atomic(path, lambda fh, tmp: fig.savefig(fh, format=fmt_, dpi=80), mode="wb")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------

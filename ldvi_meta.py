@@ -621,23 +621,31 @@ class SetEncoder(nn.Module):
 # -----------------------------------------------------------------------------
 # saving and loading: one file per model with its config (torch.load(weights_only=True))
 
+def write_atomic(path: str, write: Callable, mode: str = "w") -> None:
+    """write(file handle) into a temporary file in path's folder (same suffix), then rename:
+    the file is written whole or not at all, and an interruption (Ctrl-C included) removes
+    the temporary file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class SaveLoad:
     """save(path) / cls.load(path) for a module with a dataclass `cfg` and a Config class."""
 
     def save(self, path: str) -> None:
-        """Write {method, config, state_dict} whole or not at all (temporary file, then rename)."""
+        """Write {method, config, state_dict} whole or not at all."""
         obj = dict(method=type(self).__name__, config=asdict(self.cfg),
                    state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()})
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(obj, fh)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(path, lambda fh: torch.save(obj, fh), mode="wb")
 
     @classmethod
     def load(cls, path: str, device="cpu"):
