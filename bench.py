@@ -552,7 +552,8 @@ def parse_args(argv=None):
                         "small [tasks, samples, D] tensors that stay in cache are 2-4x faster)")
     p.add_argument("--gold", type=int, default=0, help="HMC gold standard on the first N test tasks (0: none)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--out", default=None, help="JSON results (default results/<task>.json; --quick: a temp folder)")
+    p.add_argument("--out", default=None, help="JSON results, and the printed tables in <name>.md beside it "
+                                              "(default results/<task>.json; --quick: a temp folder)")
     p.add_argument("--plot", default=None, help="figure of every method's predictive (format from the extension); "
                                                "also <name>_prior.<ext> with function samples from ours' priors")
     p.add_argument("--save-dir", default=None, help="save every trained model here (one .pt file each)")
@@ -725,17 +726,15 @@ def main(argv=None) -> int:
     agg = aggregate(per_seed)
     config.update(seeds=seeds, chunk=args.chunk, torch=torch.__version__, wall_s=time.perf_counter() - t0,
                   machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
-    print("## Configuration\n")
-    for k, v in config.items():
-        if k != "methods":
-            print(f"- {k}: {v}")
-    for name, cfg in config["methods"].items():
-        print(f"- {name} ({DESCRIPTION.get(name, 'baseline')}): " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    lines = ["## Configuration", ""] + [f"- {k}: {v}" for k, v in config.items() if k != "methods"]
+    lines += [f"- {name} ({DESCRIPTION.get(name, 'baseline')}): " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+              for name, cfg in config["methods"].items()]
     if args.task not in TASKS:
-        print(f"\n(no Bayes-optimal rows: the true task distribution of {args.task} is not known to the benchmark)")
-    print(f"\n## Results ({args.task})\n")
-    print(table(agg, args.contexts, args.test_points))
+        lines += ["", f"(no Bayes-optimal rows: the true task distribution of {args.task} is not known to the benchmark)"]
+    report = "\n".join(lines + ["", f"## Results ({args.task})", "", table(agg, args.contexts, args.test_points)])
+    print(report)
     write_json_atomic(args.out, dict(config=config, complete=True, results=agg, per_seed=per_seed))
+    lm.write_atomic(os.path.splitext(args.out)[0] + ".md", lambda fh: fh.write(report + "\n"))
     if os.path.exists(partial):
         os.unlink(partial)
     failed = [name for name, r in agg.items() if r["status"] != "ok"]

@@ -46,12 +46,15 @@ def quick_run(tmp_path_factory):
                           capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = open(committed, "rb").read() if os.path.exists(committed) else None
-    return proc.stdout, json.loads((tmp / "ldvi_meta_quick" / "sinusoid.json").read_text()), before == after
+    result = json.loads((tmp / "ldvi_meta_quick" / "sinusoid.json").read_text())
+    result["report"] = (tmp / "ldvi_meta_quick" / "sinusoid.md").read_text().strip()
+    return proc.stdout, result, before == after
 
 
 def test_quick_run_never_touches_results_and_says_it_is_quick(quick_run):
-    _, result, untouched = quick_run
+    stdout, result, untouched = quick_run
     assert untouched and result["config"]["quick"] is True and result["complete"] is True
+    assert result["report"] == stdout.strip()  # the printed tables, also written to sinusoid.md
 
 
 def test_quick_run_has_every_row_and_finite_numbers(quick_run):
@@ -114,7 +117,7 @@ def test_a_failing_method_becomes_a_row_and_the_run_goes_on(tmp_path, monkeypatc
     assert result["results"]["NP"]["status"] == "ok" and result["results"]["oracle"]["status"] == "ok"
     rows = parse_table(capsys.readouterr().out)
     assert rows["MAML"][0].startswith("FAILED") and not rows["NP"][0].startswith("FAILED")
-    assert files_in(tmp_path) == ["r.json"]  # the partial file is gone once the run has finished
+    assert files_in(tmp_path) == ["r.json", "r.md"]  # the partial file is gone once the run has finished
 
 
 def test_resume_reuses_finished_methods_and_save_load_skip_training(tmp_path, monkeypatch, capsys):
@@ -185,7 +188,7 @@ def test_plot_format_follows_the_extension(tmp_path, capsys):
     pdf = tmp_path / "fig.pdf"
     assert bench.main(["--quick", "--quiet", "--methods", "MAML", "--contexts", "0,1", "--out",
                        str(tmp_path / "r.json"), "--plot", str(pdf)]) == 0
-    assert pdf.read_bytes()[:5] == b"%PDF-" and files_in(tmp_path) == ["fig.pdf", "r.json"]
+    assert pdf.read_bytes()[:5] == b"%PDF-" and files_in(tmp_path) == ["fig.pdf", "r.json", "r.md"]
     capsys.readouterr()
 
 
