@@ -113,6 +113,7 @@ class LDVIConfig:
     hidden: tuple = (40, 40)          # hidden widths of the BNN (ReLU); (40, 40) -> D = 1761
     latent: int = 8                   # r, dimension of the task latent z in the prior (0: diagonal prior)
     latent_init: float = 1e-3         # B starts at latent_init * N(0, 1) entries
+    latent_hidden: int = 0            # h > 0: theta = B relu(A z + a) + theta_res, a nonlinear map of z (0: B z)
     kernel: str = "underdamped"       # "underdamped" or "overdamped" diffusion kernel
     K: int = 10                       # number of diffusion steps (0 = amortized mean-field VI)
     step_init: float = 0.05           # initial step size h_k (small: training starts near mean-field VI)
@@ -137,7 +138,7 @@ class LDVIConfig:
         _require_fields(self, ("hidden",), *WIDTHS)
         self.hidden = tuple(self.hidden)
         _require_fields(self, ("dx", "dy", "enc_hidden", "enc_dim", "particles", "tasks_per_batch"), *INT_GE1)
-        _require_fields(self, ("K", "latent", "min_context", "iters", "log_every"), *INT_GE0)
+        _require_fields(self, ("K", "latent", "latent_hidden", "min_context", "iters", "log_every"), *INT_GE0)
         _require_fields(self, ("step_init", "prior_std_init", "sigma_y", "lr", "clip", "latent_init"), *POSITIVE)
         _require_fields(self, ("learn_sigma_y", "tamed"), *BOOL)
         _require(_is_real(self.refresh_init) and 0 <= self.refresh_init < 1, "refresh_init", "a number in [0, 1)",
@@ -673,8 +674,12 @@ class LDVIMeta(SaveLoad, nn.Module):
         D, K, r = self.bnn.n_params, cfg.K, cfg.latent
         self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu [D]
         self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # log sigma [D]
+        h = cfg.latent_hidden or r
+        if r and cfg.latent_hidden:  # A [h, r], a [h], like nn.Linear's default
+            self.latent_A = nn.Parameter((2 * torch.rand(h, r, generator=gen) - 1) / math.sqrt(r))
+            self.latent_a = nn.Parameter((2 * torch.rand(h, generator=gen) - 1) / math.sqrt(r))
         if r:
-            self.basis = nn.Parameter(cfg.latent_init * torch.randn(D, r, generator=gen))  # B [D, r]
+            self.basis = nn.Parameter(cfg.latent_init * torch.randn(D, h, generator=gen))  # B [D, h]
         log_sy = torch.tensor(math.log(cfg.sigma_y))
         if cfg.learn_sigma_y:
             self.log_sigma_y = nn.Parameter(log_sy)
@@ -703,13 +708,18 @@ class LDVIMeta(SaveLoad, nn.Module):
         zeros = self.prior_mean.new_zeros(self.cfg.latent)
         return torch.cat([zeros, self.prior_mean]), torch.cat([zeros, self.prior_log_std])
 
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """phi(z) [T, P, h] with theta = B phi(z) + theta_res: z itself, or relu(A z + a)."""
+        return z if not self.cfg.latent_hidden else F.relu(z @ self.latent_A.T + self.latent_a)
+
     def theta(self, v: torch.Tensor) -> torch.Tensor:
-        """BNN weights theta = B z + theta_res [T, P, D] from states v [T, P, r + D]."""
+        """BNN weights theta = B phi(z) + theta_res [T, P, D] from states v [T, P, r + D]."""
         r = self.cfg.latent
-        return v if r == 0 else v[..., r:] + v[..., :r] @ self.basis.T
+        return v if r == 0 else v[..., r:] + self.features(v[..., :r]) @ self.basis.T
 
     def sample_prior(self, T: int, P: int, gen: torch.Generator):
-        """P states per task from the prior: v [T, P, r + D] (theta(v) has covariance B B^T + diag sigma^2)."""
+        """P states per task from the prior: v [T, P, r + D] (with the linear map of z, theta(v) has
+        covariance B B^T + diag sigma^2)."""
         mean, log_std = self.state_prior()
         return mean + log_std.exp() * randn((T, P, mean.shape[0]), gen, mean.dtype, mean.device)  # [T, P, r + D]
 
@@ -722,7 +732,8 @@ class LDVIMeta(SaveLoad, nn.Module):
 
     def target(self, ctx: Batch) -> Callable:
         """v -> (log gamma(v), grad_v log gamma). The likelihood's gradient in theta is the BNN's
-        written-out backprop g, and J^T g = (B^T g, g): no extra backward pass for the latent."""
+        written-out backprop g, and J^T g = (B^T g, g) (through the ReLU and A when the map of z
+        is nonlinear): no extra backward pass for the latent."""
         r = self.cfg.latent
         mean, log_std = self.state_prior()                          # [r + D]
         log_norm = -log_std.sum() - 0.5 * mean.shape[0] * LOG_2PI
@@ -731,7 +742,10 @@ class LDVIMeta(SaveLoad, nn.Module):
         def value_and_grad(v):
             ll, g = self.bnn.loglik_and_grad(self.theta(v), ctx, self.sigma_y)   # [T, P], [T, P, D]
             if r:
-                g = torch.cat([g @ self.basis, g], -1)                           # J^T g  [T, P, r + D]
+                gz = g @ self.basis                                              # [T, P, h]
+                if self.cfg.latent_hidden:
+                    gz = gz.masked_fill(self.features(v[..., :r]) <= 0, 0.0) @ self.latent_A  # [T, P, r]
+                g = torch.cat([gz, g], -1)                                       # J^T g  [T, P, r + D]
             d = v - mean                                                         # [T, P, r + D]
             d_prec = d * prec                                                    # = -grad log prior
             log_prior = log_norm - 0.5 * torch.linalg.vecdot(d, d_prec)          # [T, P]

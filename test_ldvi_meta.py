@@ -152,9 +152,10 @@ def test_structured_model_with_zero_steps_is_mean_field_vi():
     assert torch.allclose(log_w, ref, atol=1e-9) and torch.allclose(theta, model.theta(v0), atol=1e-12)
 
 
-def test_structured_target_matches_autograd():
-    """The analytic score (BNN backprop and J^T g = (B^T g, g)) against autograd of log_joint."""
-    model = perturbed(small_model(gen(0), latent=3).double())
+@pytest.mark.parametrize("latent_hidden", [0, 5])
+def test_structured_target_matches_autograd(latent_hidden):
+    """The analytic score (BNN backprop and J^T g, linear or through relu(A z + a)) against autograd."""
+    model = perturbed(small_model(gen(0), latent=3, latent_hidden=latent_hidden).double())
     g = gen(1)
     data = lm.make_batch(*sinusoid_batch(3, 6, g, F64)[:2], torch.rand(3, 6, generator=g) > 0.4)
     for ctx in (data, lm.first_n(data, 0)):
