@@ -197,7 +197,7 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
         cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
         path = lambda d: os.path.join(d, f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")  # noqa: E731
         try:
-            t0 = time.perf_counter()
+            t0, src = time.perf_counter(), None
             if args.load_dir or (args.resume and args.save_dir and os.path.exists(path(args.save_dir))):
                 src = path(args.load_dir or args.save_dir)
                 print(f"[bench] seed {seed}: loading {name} from {src}", file=sys.stderr, flush=True)
@@ -212,7 +212,7 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
             scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name, not args.quiet)
             rows[name] = dict(status="ok", scores=medians(scores), train_s=train_s, ms_per_task=ms,
-                              params=n_params(model), config=asdict(model.cfg))
+                              params=n_params(model), config=asdict(model.cfg), loaded_from=src)
             models[name], per_task[name] = model, {n: lp for n, (lp, _) in scores.items()}
         except Exception as e:  # noqa: BLE001 -- any failure of one method becomes its row
             msg = f"{type(e).__name__}: {e}"
