@@ -15,7 +15,7 @@ import baselines as bl
 import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROWS = ["oracle", "Bayes-optimal", "Bayes, S draws", *bench.METHODS]
+ROWS = ["oracle", "Bayes-optimal", "Bayes, S draws", *bench.DEFAULT_METHODS]
 
 
 def parse_table(text, title="LMLHD"):
