@@ -679,9 +679,10 @@ def _int_keys(row: dict) -> dict:
 
 
 def fast_allocator() -> None:
-    """Keep freed memory in glibc's heap instead of returning it to the system: every fresh
-    [tasks, particles, D] tensor would otherwise cost page faults (about 10% of evaluation
-    time on the CPU). A process-wide setting, so it is made here, at the entry point."""
+    """Keep freed memory in glibc's heap instead of returning it to the system, so that fresh
+    [tasks, particles, D] tensors do not page-fault again (measured once on the evaluation
+    loop: 204k -> 83k minor page faults, about 8% less time). A process-wide setting, so it
+    is made here, at the entry point, and never by the library."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
