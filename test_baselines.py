@@ -154,3 +154,15 @@ def test_bad_inputs():
             model.predictive(lm.make_batch(x.double(), y.double()), x, 2, gen(0))
         with pytest.raises(ValueError, match="data"):
             model.fit(lm.make_batch(torch.zeros(2, 3, 1), torch.zeros(2, 3, 2)), gen(0))
+
+
+def test_np_blocked_decoding_equals_decoding_all_samples_at_once(monkeypatch):
+    model = bl.NeuralProcess(bl.NPConfig(hidden=16, r_dim=8, z_dim=4, log_every=0), gen(6)).double()
+    data = sinusoid_batch(2, 5, gen(8), F64)
+    monkeypatch.setattr(bl, "SAMPLE_BLOCK", 2)
+    mean, std = model.predictive(data, data.x, 5, gen(10))
+    g = gen(10)
+    with torch.no_grad():
+        mu, log_std = model.posterior(data)
+        ref_mean, ref_std = model.decode(model._sample_z(mu, log_std, 5, g), data.x)
+    assert torch.allclose(mean, ref_mean, atol=1e-12) and torch.allclose(std, ref_std, atol=1e-12)

@@ -561,3 +561,16 @@ def test_split_rhat_flags_chains_that_disagree():
     drift = mixed + torch.linspace(0, 10, 200, dtype=F64)           # not stationary within chains
     rhat = lm.split_rhat(torch.cat([mixed, stuck, drift]))
     assert rhat[0] < 1.02 and rhat[1] > 1.5 and rhat[2] > 1.5
+
+
+def test_blocked_prediction_equals_one_sampler_call_per_block(monkeypatch):
+    """predictive draws its S particles in blocks of SAMPLE_BLOCK; the obvious reference is one
+    sample() call per block with the same generator, then the network on the targets."""
+    model = perturbed(small_model(gen(0), latent=3))
+    data = sinusoid_batch(2, 6, gen(1))
+    ctx = lm.first_n(data, 4)
+    monkeypatch.setattr(lm, "SAMPLE_BLOCK", 3)
+    mean, _ = model.predictive(ctx, data.x, 7, gen(2))
+    g = gen(2)
+    ref = torch.cat([model.bnn(model.sample(ctx, P, g)[0], data.x) for P in (3, 3, 1)], 1).detach()
+    assert mean.shape == (2, 7, 6, 1) and torch.equal(mean, ref)
