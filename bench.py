@@ -205,13 +205,14 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
                 src = path(args.load_dir or args.save_dir)
                 print(f"[bench] seed {seed}: loading {name} from {src}", file=sys.stderr, flush=True)
                 model = cls.load(src, device)
+                train_s = model.saved_meta.get("train_s", 0.0)  # the training time of the saved model
             else:
                 model = cls(cfg, torch.Generator().manual_seed(1000 * seed + 3)).to(device)
                 print(f"[bench] seed {seed}: training {name}", file=sys.stderr, flush=True)
                 model.fit(train, g(4))
+                train_s = time.perf_counter() - t0
                 if args.save_dir:
-                    model.save(path(args.save_dir))
-            train_s = time.perf_counter() - t0
+                    model.save(path(args.save_dir), train_s=train_s)
             print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
             scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name, not args.quiet)
             rows[name] = dict(status="ok", scores=medians(scores), train_s=train_s, ms_per_task=ms,
@@ -706,7 +707,7 @@ def main(argv=None) -> int:
     config = run_config(args, device)
     partial = os.path.splitext(args.out)[0] + ".partial.json"
     seeds = list(range(args.seed, args.seed + args.seeds))
-    done = {}
+    done, wall_before = {}, 0.0  # rows and wall time of the interrupted run that --resume continues
     if args.resume:
         for path in (partial, args.out):
             if os.path.exists(path):
@@ -714,6 +715,7 @@ def main(argv=None) -> int:
                 if {k: v for k, v in old.get("config", {}).items() if k in config} == json.loads(json.dumps(config)):
                     done = {int(s): {name: _int_keys(row) for name, row in rows.items()}
                             for s, rows in zip(old["config"]["seeds"], old["per_seed"])}
+                    wall_before = old.get("wall_s_so_far", old["config"].get("wall_s", 0.0))
                     print(f"[bench] --resume: reusing finished rows from {path}", file=sys.stderr)
                     break
                 print(f"[bench] --resume: {path} has another configuration; starting afresh", file=sys.stderr)
@@ -721,6 +723,7 @@ def main(argv=None) -> int:
 
     def save_partial(rows):
         write_json_atomic(partial, dict(config={**config, "seeds": seeds[:len(per_seed) + 1]}, complete=False,
+                                        wall_s_so_far=wall_before + time.perf_counter() - t0,
                                         per_seed=per_seed + [rows]))
     try:
         for s in seeds:
@@ -730,7 +733,8 @@ def main(argv=None) -> int:
               f"(rerun with --resume to continue)", file=sys.stderr)
         return 130
     agg = aggregate(per_seed)
-    config.update(seeds=seeds, chunk=args.chunk, torch=torch.__version__, wall_s=time.perf_counter() - t0,
+    config.update(seeds=seeds, chunk=args.chunk, torch=torch.__version__,
+                  wall_s=wall_before + time.perf_counter() - t0,  # over all runs of a resumed benchmark
                   machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     lines = ["## Configuration", ""] + [f"- {k}: {v}" for k, v in config.items() if k != "methods"]
     lines += [f"- {name} ({DESCRIPTION.get(name, 'baseline')}): " + ", ".join(f"{k}={v}" for k, v in cfg.items())

@@ -642,9 +642,9 @@ def write_atomic(path: str, write: Callable, mode: str = "w") -> None:
 class SaveLoad:
     """save(path) / cls.load(path) for a module with a dataclass `cfg` and a Config class."""
 
-    def save(self, path: str) -> None:
-        """Write {method, config, state_dict} whole or not at all."""
-        obj = dict(method=type(self).__name__, config=asdict(self.cfg),
+    def save(self, path: str, **meta: float) -> None:
+        """Write {method, config, state_dict, meta} whole or not at all (meta: e.g. train_s=...)."""
+        obj = dict(method=type(self).__name__, config=asdict(self.cfg), meta=meta,
                    state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()})
         write_atomic(path, lambda fh: torch.save(obj, fh), mode="wb")
 
@@ -656,6 +656,7 @@ class SaveLoad:
             raise ValueError(f"path: expected a saved {cls.__name__}, {path} holds {got!r}")
         model = cls(cls.Config(**obj["config"]), torch.Generator().manual_seed(0))
         model.load_state_dict(obj["state_dict"])
+        model.saved_meta = obj.get("meta", {})  # what save(path, **meta) recorded
         return model.to(device)
 
 

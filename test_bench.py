@@ -140,6 +140,7 @@ def test_resume_reuses_finished_methods_and_save_load_skip_training(tmp_path, mo
     assert fits == ["NP"]  # NP was not trained again
     result = json.loads(out.read_text())
     assert result["per_seed"][0]["NP"] == partial["per_seed"][0]["NP"]
+    assert result["config"]["wall_s"] > partial["wall_s_so_far"] > 0  # wall time counts the interrupted run too
     assert sorted(files_in(models)) == ["sinusoid_seed0_MAML.pt", "sinusoid_seed0_NP.pt"]
     # --load-dir evaluates the saved models without training and gives the same numbers
     out2 = tmp_path / "loaded.json"
@@ -147,6 +148,8 @@ def test_resume_reuses_finished_methods_and_save_load_skip_training(tmp_path, mo
     loaded = json.loads(out2.read_text())
     for name in ("NP", "MAML"):
         assert loaded["results"][name]["scores"] == result["results"][name]["scores"]
+        # train s of a loaded model is the training time recorded in its file, not the loading time
+        assert loaded["per_seed"][0][name]["train_s"] == result["per_seed"][0][name]["train_s"] > 0
     assert fits == ["NP"]
     capsys.readouterr()
 
