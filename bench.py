@@ -20,8 +20,8 @@ Tables report the median over test tasks (LMLHD per task, and per point in brack
 Every default is a flag, so other protocols can be run.
 
 Reference rows (not learned):
-  Bayes-optimal     log p(y_all | y_C) under the TRUE task distribution (exact; tasks.py):
-                    the ceiling for anything that sees only the context;
+  Bayes-optimal     log E_{p(w|C)} p(y_all | w) under the TRUE task distribution (exact;
+                    tasks.py): the Bayes-optimal predictive, scored like every method;
   Bayes, S draws    the same LMLHD estimator fed S exact posterior draws: what a perfect
                     sampler scores at finite S;
   oracle            the true function with the true noise (knows the task itself).

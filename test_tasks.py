@@ -86,6 +86,25 @@ def test_posterior_draws_concentrate_on_the_true_function_with_many_points():
     assert ((f - clean.squeeze(-1).double().unsqueeze(1)) ** 2).mean((-1, -2)).max() < 0.02
 
 
+@pytest.mark.parametrize("noise", [0.25, 0.1])
+def test_exact_bayes_row_is_the_estimators_limit_and_matches_quadrature(noise):
+    """The exact row is log E_{p(w|C)} p(y_all | w): by quadrature it is the evidence of the
+    targets plus a second copy of the context minus the context's evidence, and the S-draw
+    estimator, whose S = infinity limit it is, comes within Monte Carlo error of it at large S."""
+    g = gen(3)
+    test, _, _ = tasks.make_tasks(tasks.sinusoid, 3, 24, noise, g)
+    rows = tasks.bayes_optimal(test, [2, 8, 24], noise, "sinusoid", 1 << 14, g, draws=1 << 14)
+    for t in range(3):
+        x, y = test.x[t, :, 0].double(), test.y[t, :, 0].double()
+        for n in (2, 8, 24):
+            ref = grid_log_evidence(torch.cat([x, x[:n]]), torch.cat([y, y[:n]]), noise, "sinusoid") \
+                - grid_log_evidence(x[:n], y[:n], noise, "sinusoid")
+            assert rows[n]["exact"][t].item() == pytest.approx(ref, abs=0.05), (t, n)
+            assert rows[n]["draws"][t].item() == pytest.approx(ref, abs=0.15), (t, n)
+    # scoring only the unseen points would be a different number: 0 when the context is everything
+    assert rows[24]["exact"].abs().min() > 1.0
+
+
 def test_bayes_rows_are_ordered_sensibly():
     """Exact ceiling >= the S-draw estimate on average (finite S is biased low), both below
     the oracle at n = 0, and more context helps the ceiling on average."""
