@@ -68,8 +68,8 @@ def method_configs(args) -> dict:
     tasks), sigma_y fixed at the true noise (a learned sigma_y absorbs misfit as noise); MAML
     and NP learn their noise."""
     it = args.iters
-    ldvi = dict(K=args.K, latent=args.latent, iters=it["ldvi"], lr=3e-3, lr_final=0.1, step_init=0.05, particles=16,
-                tasks_per_batch=16, sigma_y=args.noise, learn_sigma_y=False)
+    ldvi = dict(K=args.K, latent=args.latent, iters=it["ldvi"], lr=3e-3, lr_final=0.1, step_init=0.05,
+                particles=16, tasks_per_batch=16, sigma_y=args.noise, learn_sigma_y=False)
     return {
         "LDVI-underdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="underdamped", **ldvi)),
         "LDVI-overdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **ldvi)),
