@@ -29,6 +29,11 @@ def schedule(K, g, h_scale=1.0, zero_steps=False):
     return steps, refresh, betas
 
 
+def noise(kernel, K, shape, g):
+    """The diffusion's per-step draws, [noise_count, T, P, D] in float64."""
+    return torch.randn((lm.noise_count(kernel, K), *shape), generator=g, dtype=F64)
+
+
 def sinusoid_batch(T, N, g, dtype=torch.float32):
     x = 10 * torch.rand(T, N, 1, generator=g, dtype=dtype) - 5
     amp = 0.1 + 4.9 * torch.rand(T, 1, 1, generator=g, dtype=dtype)
@@ -57,9 +62,30 @@ def test_gaussian_target_exactness(kernel, T, P, D, K, seed, h_scale, tamed):
     target = lm.autograd_target(lambda th: log_Z + lm.diag_normal_logpdf(th, m.unsqueeze(1), log_s.unsqueeze(1)))
     u0 = torch.randn(T, P, D, generator=g, dtype=F64)
     steps, refresh, betas = schedule(K, g, h_scale)
-    theta, log_w = lm.diffusion(target, m, log_s, u0, steps, refresh, betas, g, kernel, tamed)
+    theta, log_w = lm.diffusion(target, m, log_s, u0, steps, refresh, betas, noise(kernel, K, u0.shape, g), kernel,
+                                tamed)
     assert theta.shape == (T, P, D)
     assert torch.allclose(log_w, log_Z.expand(T, P), atol=1e-8, rtol=0)
+
+
+@FAST
+@given(kernel=st.sampled_from(KERNELS), K=st.integers(0, 5), seed=st.integers(0, 10_000), tamed=st.booleans())
+def test_unweighted_chain_has_the_same_positions(kernel, K, seed, tamed):
+    """weights=False (prediction) skips the weight and the last target evaluation, nothing else."""
+    g = gen(seed)
+    T, P, D = 2, 3, 4
+    m, log_s = torch.randn(T, D, generator=g, dtype=F64), 0.3 * torch.randn(T, D, generator=g, dtype=F64)
+    u0 = torch.randn(T, P, D, generator=g, dtype=F64)
+    steps, refresh, betas = schedule(K, g)
+    eps = noise(kernel, K, u0.shape, g)
+    calls = []
+    target = lm.autograd_target(banana)
+    counted = lambda v: calls.append(1) or target(v)  # noqa: E731
+    v, log_w = lm.diffusion(counted, m, log_s, u0, steps, refresh, betas, eps, kernel, tamed)
+    n_weighted = len(calls)
+    v_fast, none = lm.diffusion(counted, m, log_s, u0, steps, refresh, betas, eps, kernel, tamed, weights=False)
+    assert none is None and torch.equal(v_fast, v) and log_w.shape == (T, P)
+    assert len(calls) - n_weighted == n_weighted - 1  # one target evaluation fewer
 
 
 # -----------------------------------------------------------------------------
@@ -87,7 +113,8 @@ def test_reduction_to_mean_field(kernel, K, seed, tamed):
     if kernel == "overdamped":
         K = 0  # the overdamped kernel reduces at K = 0 only
     steps, refresh, betas = schedule(K, g, zero_steps=True)  # h = 0: underdamped stays put at any K
-    theta, log_w = lm.diffusion(lm.autograd_target(banana), m, log_s, u0, steps, refresh, betas, g, kernel, tamed)
+    theta, log_w = lm.diffusion(lm.autograd_target(banana), m, log_s, u0, steps, refresh, betas,
+                                noise(kernel, K, u0.shape, g), kernel, tamed)
     theta_ref, log_w_ref = mean_field_reference(banana, m, log_s, u0)
     assert torch.allclose(theta, theta_ref, atol=1e-12)
     assert torch.allclose(log_w, log_w_ref, atol=1e-10)
@@ -119,7 +146,7 @@ def test_model_with_K0_is_mean_field_vi(latent):
     data = sinusoid_batch(3, 5, gen(1), F64)
     _, log_w = model.sample(data, 6, gen(2))
     m, log_s = model.q0(data)
-    u0 = torch.randn(3, 6, latent + model.bnn.n_params, generator=gen(2), dtype=F64)  # the sampler's first draw
+    u0, _ = lm.draw_noise(model.cfg.kernel, 0, (3, 6, latent + model.bnn.n_params), gen(2), F64)  # its draw
     _, ref = mean_field_reference(lambda v: model.log_joint(v, data), m, log_s, u0)
     assert torch.allclose(log_w, ref, atol=1e-9)
 
@@ -147,7 +174,7 @@ def test_structured_model_with_zero_steps_is_mean_field_vi():
     data = sinusoid_batch(2, 6, gen(1), F64)
     theta, log_w = model.sample(data, 5, gen(2))
     m, log_s = model.q0(data)
-    u0 = torch.randn(2, 5, m.shape[-1], generator=gen(2), dtype=F64)
+    u0, _ = lm.draw_noise("underdamped", 4, (2, 5, m.shape[-1]), gen(2), F64)  # the sampler's draws
     v0, ref = mean_field_reference(lambda v: model.log_joint(v, data), m, log_s, u0)
     assert torch.allclose(log_w, ref, atol=1e-9) and torch.allclose(theta, model.theta(v0), atol=1e-12)
 
@@ -190,10 +217,9 @@ def test_diagonal_prior_r0_is_the_theta_space_model(kernel):
     mu, log_sigma = model.prior_mean, model.prior_log_std
     target = lm.autograd_target(lambda th: lm.diag_normal_logpdf(th, mu, log_sigma) + lm.gaussian_loglik(
         model.bnn(th, data.x), data.y, data.mask, model.sigma_y))
-    g = gen(2)
-    u0 = torch.randn(3, 6, model.bnn.n_params, generator=g, dtype=F64)
+    u0, eps = lm.draw_noise(kernel, model.cfg.K, (3, 6, model.bnn.n_params), gen(2), F64)  # the sampler's draws
     steps, refresh, betas = model.schedule()
-    ref_theta, ref_log_w = lm.diffusion(target, mu + dm, log_sigma + dlogs, u0, steps, refresh, betas, g, kernel)
+    ref_theta, ref_log_w = lm.diffusion(target, mu + dm, log_sigma + dlogs, u0, steps, refresh, betas, eps, kernel)
     assert torch.allclose(theta, ref_theta, atol=1e-10) and torch.allclose(log_w, ref_log_w, atol=1e-8)
 
 
@@ -246,8 +272,8 @@ def test_bounds_on_bayesian_linear_regression(kernel, K, N, D, seed, tamed):
     steps, refresh, betas = schedule(K, g, h_scale=0.3)
     u0 = torch.randn(R, P, D, generator=g, dtype=F64)
     with torch.no_grad():
-        _, log_w = lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas, g, kernel,
-                                tamed)
+        _, log_w = lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas,
+                                noise(kernel, K, u0.shape, g), kernel, tamed)
     el, iw = lm.elbo(log_w), lm.iw_bound(log_w)
     assert torch.isfinite(log_w).all()
     assert (el <= iw + 1e-12).all()  # Jensen, holds replicate by replicate
@@ -264,6 +290,19 @@ def test_tame_is_the_identity_for_small_steps_and_bounded_by_one_over_h():
     assert torch.allclose(tg, g / (1 + h * g.abs()))
 
 
+@pytest.mark.parametrize("h_shape", [(), (4, 1)])
+def test_tame_hand_written_gradient_matches_autograd(h_shape):
+    """The hand-written backward of tame against autograd of the plain quotient (float64)."""
+    g = gen(0)
+    score = (3 * torch.randn(3, 4, 5, generator=g, dtype=F64)).requires_grad_(True)
+    h = (0.05 + torch.rand(h_shape, generator=g, dtype=F64)).requires_grad_(True)
+    upstream = torch.randn(3, 4, 5, generator=g, dtype=F64)
+    fast = torch.autograd.grad((lm.tame(score, h) * upstream).sum(), (score, h))
+    slow = torch.autograd.grad((score / (1 + h * score.abs()) * upstream).sum(), (score, h))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(fast, slow))
+    assert torch.autograd.gradcheck(lm.tame, (score, h))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_taming_keeps_a_steep_target_finite(kernel):
     """q0 = N(0, I) against a target 1e-3 wide at distance 5: the plain drift overshoots by
@@ -274,8 +313,8 @@ def test_taming_keeps_a_steep_target_finite(kernel):
     m, log_s = torch.zeros(T, D, dtype=F64), torch.zeros(T, D, dtype=F64)
     steps, refresh, betas = torch.full((K,), 0.5, dtype=F64), torch.full((K,), 0.5, dtype=F64), torch.ones(K, dtype=F64)
     u0 = torch.randn(T, P, D, generator=g, dtype=F64)
-    runs = {tamed: lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas, gen(4),
-                                kernel, tamed) for tamed in (False, True)}
+    runs = {tamed: lm.diffusion(lm.autograd_target(log_gamma), m, log_s, u0, steps, refresh, betas,
+                                noise(kernel, K, u0.shape, gen(4)), kernel, tamed) for tamed in (False, True)}
     assert runs[False][0].abs().max() > 1e6  # the untamed chain has blown up
     theta, log_w = runs[True]
     assert torch.isfinite(log_w).all() and theta.abs().max() < (u0.abs().max() + 2 * K * 1 / 0.5)
@@ -303,7 +342,7 @@ def train_free_diffusion(kernel, K, iters=300, seed=0):
         inc = torch.nn.functional.softplus(raw[2])
         u0 = torch.randn(1, P, D, generator=g, dtype=F64)
         return lm.diffusion(lm.autograd_target(warped), m, log_s, u0, steps, refresh, inc.cumsum(0) / inc.sum(),
-                            g, kernel)[1]
+                            noise(kernel, K, u0.shape, g), kernel)[1]
 
     opt = torch.optim.Adam([m, log_s, raw], lr=0.03)
     for _ in range(iters):
@@ -495,9 +534,11 @@ def test_bad_diffusion_parameters():
         ("euler", ok, ok, ok, "kernel"),
     ]:
         with pytest.raises(ValueError, match=name):
-            lm.diffusion(tgt, m, log_s, u0, steps, refresh, betas, g, kernel)
+            lm.diffusion(tgt, m, log_s, u0, steps, refresh, betas, torch.zeros(lm.noise_count(kernel, 2), 1, 3, 2), kernel)
     with pytest.raises(ValueError, match="u0/m/log_s"):
-        lm.diffusion(tgt, m, log_s, torch.zeros(1, 3, 4), ok, ok, ok, g)
+        lm.diffusion(tgt, m, log_s, torch.zeros(1, 3, 4), ok, ok, ok, torch.zeros(3, 1, 3, 4))
+    with pytest.raises(ValueError, match="noise"):
+        lm.diffusion(tgt, m, log_s, u0, ok, ok, ok, torch.zeros(2, 1, 3, 2))  # underdamped K = 2 needs 3
 
 
 # -----------------------------------------------------------------------------
