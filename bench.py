@@ -48,6 +48,7 @@ import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import torch
@@ -63,13 +64,11 @@ RESULTS = "results"
 # the methods, with the benchmark's settings
 
 def method_configs(args) -> dict:
-    """name -> (class, config). Ours: K steps, r-dimensional task latent, 1800 iterations with the
-    learning rate decaying from 3e-3 to 3e-4 (longer training overfits the 64 meta-training
-    tasks), sigma_y fixed at the true noise (a learned sigma_y absorbs misfit as noise); MAML
-    and NP learn their noise."""
+    """name -> (class, config). Ours: the library defaults of LDVIConfig (one source of truth:
+    overdamped, 1800 iterations with the learning rate decaying from 3e-3 to 3e-4, sigma_y fixed)
+    with the flags' K, r, iterations and sigma_y = the true noise; MAML and NP learn their noise."""
     it = args.iters
-    ldvi = dict(K=args.K, latent=args.latent, iters=it["ldvi"], lr=3e-3, lr_final=0.1, step_init=0.05,
-                particles=16, tasks_per_batch=16, sigma_y=args.noise, learn_sigma_y=False)
+    ldvi = dict(K=args.K, latent=args.latent, iters=it["ldvi"], sigma_y=args.noise)
     return {
         "LDVI-underdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="underdamped", **ldvi)),
         "LDVI-overdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **ldvi)),
@@ -108,30 +107,93 @@ def task_chunks(batch: lm.Batch, chunk: int) -> list:
             for a in range(0, batch.x.shape[0], chunk)]
 
 
+LEVELS = tuple(i / 10 for i in range(1, 10))  # nominal coverages of the central predictive intervals
+TAIL_NATS = 20.0                               # a task "fails" more than this far below the Bayes-optimal score
+
+
+def mixture_cdf(mean: torch.Tensor, std, y: torch.Tensor) -> torch.Tensor:
+    """F(y) of the equal-weight Gaussian mixture at every target: mean [T, S, M, dy], std broadcasting
+    to it, y [T, M, dy] -> [T, M, dy] (the probability integral transform of the targets)."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    return torch.special.ndtr((y.unsqueeze(1) - mean) / std).mean(1)                  # [T, M, dy]
+
+
+def coverage_counts(mean: torch.Tensor, std, target: lm.Batch, levels=LEVELS) -> torch.Tensor:
+    """How many real targets of each task fall inside the mixture's central interval at each level:
+    [T, len(levels)]. y is inside the central interval of mass a iff |F(y) - 1/2| <= a / 2."""
+    dist = (mixture_cdf(mean, std, target.y) - 0.5).abs()                              # [T, M, dy]
+    half = torch.tensor(levels, dtype=dist.dtype, device=dist.device) / 2             # [L]
+    inside = (dist.unsqueeze(-1) <= half).sum(-2)                                      # [T, M, L]
+    return (inside * target.mask.unsqueeze(-1)).sum(1)                                 # [T, L]
+
+
+def calibration_error(counts: torch.Tensor, points: torch.Tensor, levels=LEVELS) -> float:
+    """Mean over levels a of |empirical coverage - a|, the coverage pooled over all tasks' targets:
+    counts [T, L] from coverage_counts, points [T] real targets per task (times dy)."""
+    cover = counts.sum(0).double() / points.sum().double()                             # [L]
+    return (cover - torch.tensor(levels, dtype=torch.float64)).abs().mean().item()
+
+
 def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chunk: int, name: str = "",
-             progress: bool = True):
-    """Per-task LMLHD and MSE [T] for every context size, one batched call per chunk of tasks;
-    returns ({n: (lmlhd, mse)}, ms per task). Progress with an ETA on stderr."""
-    out, t0 = {}, time.perf_counter()
-    T = test.x.shape[0]
-    for i, n in enumerate(contexts):
-        lp, err = [], []
-        for part in task_chunks(test, chunk):
-            mean, std = model.predictive(lm.first_n(part, n), part.x, S, gen)
-            lp.append(lm.log_predictive(mean, std, part))
-            err.append(lm.mse(mean, part))
-        out[n] = (torch.cat(lp), torch.cat(err))
-        if not (torch.isfinite(out[n][0]).all() and torch.isfinite(out[n][1]).all()):
-            raise FloatingPointError(f"{name}: non-finite predictive scores at context size {n}")
-        el = time.perf_counter() - t0
-        if progress:
-            print(f"[bench] {name}: evaluated n = {n} ({i + 1}/{len(contexts)}), {el:.0f}s, "
-                  f"eta {el / (i + 1) * (len(contexts) - i - 1):.0f}s", file=sys.stderr, flush=True)
-    return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * T)
+             progress: bool = True, workers: int | None = None):
+    """Per-task scores for every context size: {n: dict(lmlhd [T], mse [T], cover [T, L])} and the
+    ms per task. Progress with an ETA on stderr.
+
+    The (context size, chunk of tasks) jobs are independent, and each draws from its own
+    generator seeded from gen in a fixed order, so the numbers do not depend on `workers`.
+    On the CPU the jobs run on `workers` threads (default: torch's thread count) with one
+    intra-op thread each: the batched ops of one job are small, and two such jobs use two
+    cores better than one job on two threads (about 1.5x, measured at S = 1024)."""
+    parts = task_chunks(test, chunk)
+    jobs = [(n, part) for n in contexts for part in parts]
+    seeds = torch.randint(0, 2 ** 62, (len(jobs),), generator=gen, device=gen.device).tolist()
+    cpu = test.x.device.type == "cpu"
+    workers = (workers or torch.get_num_threads()) if cpu else 1
+
+    def job(i):
+        n, part = jobs[i]
+        g = torch.Generator(device=gen.device).manual_seed(seeds[i])
+        mean, std = model.predictive(lm.first_n(part, n), part.x, S, g)
+        return lm.log_predictive(mean, std, part), lm.mse(mean, part), coverage_counts(mean, std, part)
+
+    out, t0, threads = {}, time.perf_counter(), torch.get_num_threads()
+    done = []
+    try:
+        if workers > 1:
+            torch.set_num_threads(1)
+        with ThreadPoolExecutor(workers) as pool:
+            for i, res in enumerate(pool.map(job, range(len(jobs)))):
+                done.append(res)
+                if (i + 1) % len(parts):
+                    continue
+                n = jobs[i][0]
+                lp, err, cover = (torch.cat(t) for t in zip(*done[-len(parts):]))
+                if not (torch.isfinite(lp).all() and torch.isfinite(err).all()):
+                    raise FloatingPointError(f"{name}: non-finite predictive scores at context size {n}")
+                out[n] = dict(lmlhd=lp, mse=err, cover=cover)
+                el, k = time.perf_counter() - t0, len(out)
+                if progress:
+                    print(f"[bench] {name}: evaluated n = {n} ({k}/{len(contexts)}), {el:.0f}s, "
+                          f"eta {el / k * (len(contexts) - k):.0f}s", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * test.x.shape[0])
 
 
-def medians(per_task: dict) -> dict:
-    return {n: dict(lmlhd=lp.median().item(), mse=err.median().item()) for n, (lp, err) in per_task.items()}
+def summaries(per_task: dict, test: lm.Batch, bayes: dict | None = None) -> dict:
+    """The table's numbers per context size: median LMLHD and MSE, the 10% quantile of the
+    per-task LMLHD, the calibration error and, where the Bayes-optimal score is known, the
+    fraction of tasks more than TAIL_NATS below it."""
+    points = test.counts * test.y.shape[-1]                                            # [T]
+    out = {}
+    for n, d in per_task.items():
+        lp = d["lmlhd"]
+        out[n] = dict(lmlhd=lp.median().item(), mse=d["mse"].median().item(),
+                      lmlhd_q10=torch.quantile(lp.double(), 0.1).item(),
+                      calibration=calibration_error(d["cover"], points))
+        if bayes is not None:
+            out[n]["tail"] = (lp.double() < bayes[n].double() - TAIL_NATS).double().mean().item()
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -178,9 +240,10 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
     rows, models, per_task = dict(done), {}, {}
     if "oracle" not in rows:
         ora_lp, ora_mse = oracle_scores(test, clean, args.noise)
-        rows["oracle"] = dict(status="ok", scores={n: dict(lmlhd=ora_lp.median().item(), mse=ora_mse.median().item())
-                                                   for n in args.contexts}, train_s=0.0, ms_per_task=0.0, params=0)
-    if args.task in TASKS and "Bayes-optimal" not in rows:
+        ora = dict(lmlhd=ora_lp, mse=ora_mse, cover=coverage_counts(clean.unsqueeze(1), args.noise, test))
+        rows["oracle"] = dict(status="ok", scores=summaries({n: ora for n in args.contexts}, test), train_s=0.0,
+                              ms_per_task=0.0, params=0)
+    if args.task in TASKS and "per_task" not in rows.get("Bayes-optimal", {}):  # (older files lack per_task)
         t0 = time.perf_counter()
         print(f"[bench] seed {seed}: Bayes-optimal rows", file=sys.stderr, flush=True)
         bayes = bayes_optimal(test, args.contexts, args.noise, args.task, args.samples, torch.Generator().manual_seed(
@@ -188,10 +251,13 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
         ms = (time.perf_counter() - t0) * 1e3 / (len(args.contexts) * args.test_tasks)
         for row, (lk, mk) in (("Bayes-optimal", ("exact", "exact_mse")), ("Bayes, S draws", ("draws", "draws_mse"))):
             rows[row] = dict(status="ok", train_s=0.0, ms_per_task=ms, params=0,
-                             scores={n: dict(lmlhd=d[lk].median().item(), mse=d[mk].median().item())
+                             scores={n: dict(lmlhd=d[lk].median().item(), mse=d[mk].median().item(),
+                                             lmlhd_q10=torch.quantile(d[lk].double(), 0.1).item())
                                      for n, d in bayes.items()})
-        per_task["Bayes-optimal"] = {n: d["exact"] for n, d in bayes.items()}
+        rows["Bayes-optimal"]["per_task"] = {n: d["exact"].tolist() for n, d in bayes.items()}  # for the tails
         save_partial(rows)
+    if "Bayes-optimal" in rows:
+        per_task["Bayes-optimal"] = {int(n): torch.tensor(v) for n, v in rows["Bayes-optimal"]["per_task"].items()}
     for name in args.methods:
         if name in rows and rows[name]["status"] == "ok" and not args.gold:
             print(f"[bench] seed {seed}: {name} reused from the partial results (--resume)", file=sys.stderr)
@@ -215,9 +281,10 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
                     model.save(path(args.save_dir), train_s=train_s)
             print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
             scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name, not args.quiet)
-            rows[name] = dict(status="ok", scores=medians(scores), train_s=train_s, ms_per_task=ms,
-                              params=n_params(model), config=asdict(model.cfg), loaded_from=src)
-            models[name], per_task[name] = model, {n: lp for n, (lp, _) in scores.items()}
+            rows[name] = dict(status="ok", scores=summaries(scores, test, per_task.get("Bayes-optimal")),
+                              train_s=train_s, ms_per_task=ms, params=n_params(model), config=asdict(model.cfg),
+                              loaded_from=src)
+            models[name], per_task[name] = model, {n: d["lmlhd"] for n, d in scores.items()}
         except Exception as e:  # noqa: BLE001 -- any failure of one method becomes its row
             msg = f"{type(e).__name__}: {e}"
             print(f"[bench] seed {seed}: {name} FAILED: {msg}", file=sys.stderr, flush=True)
@@ -251,10 +318,11 @@ def gold_rows(args, rows, models, per_task, test, gen, seed):
         ours = {n: per_task[name][n][:args.gold] for n in contexts}
         bayes = per_task.get("Bayes-optimal")
         rows[f"gold: {name}"] = dict(
-            status="ok", scores=medians(scores), train_s=time.perf_counter() - t0, ms_per_task=ms, params=0,
+            status="ok", scores=summaries(scores, sub), train_s=time.perf_counter() - t0, ms_per_task=ms, params=0,
             tasks=args.gold, hmc=dict(args.hmc), convergence={str(n): s for n, s in gold.stats.items()},
-            inference_gap={n: (ours[n] - scores[n][0]).median().item() for n in contexts},
-            model_gap=({n: (scores[n][0] - bayes[n][:args.gold]).median().item() for n in contexts} if bayes else None),
+            inference_gap={n: (ours[n] - scores[n]["lmlhd"]).median().item() for n in contexts},
+            model_gap=({n: (scores[n]["lmlhd"] - bayes[n][:args.gold]).median().item() for n in contexts}
+                       if bayes else None),
             ours_on_gold_tasks={n: ours[n].median().item() for n in contexts},
             rhat_median={n: torch.tensor(gold.stats[n]["rhat_loglik"]).median().item() for n in contexts},
             accept_median={n: torch.tensor(gold.stats[n]["accept"]).median().item() for n in contexts})
@@ -277,8 +345,8 @@ def aggregate(per_seed: list) -> dict:
             continue
         first = runs[0]
         agg[name] = dict(status="ok", params=first["params"],
-                         scores={n: {k: stats([r["scores"][n][k] for r in runs]) for k in ("lmlhd", "mse")}
-                                 for n in first["scores"]},
+                         scores={n: {k: stats([r["scores"][n][k] for r in runs]) for k in first["scores"][n]
+                                     if all(k in r["scores"][n] for r in runs)} for n in first["scores"]},
                          **{k: stats([r[k] for r in runs]) for k in ("train_s", "ms_per_task")})
         for key in ("inference_gap", "model_gap", "ours_on_gold_tasks", "rhat_median", "accept_median"):
             if first.get(key):
@@ -312,6 +380,16 @@ def table(agg: dict, contexts, test_points: int) -> str:
         gap = lines(["method"] + [f"n={n}" for n in contexts],
                     lambda r: [f"{r['scores'][n]['lmlhd']['mean'] - ceil[n]['lmlhd']['mean']:.2f}" for n in contexts])
         text += f"\n\nDistance to the Bayes-optimal ceiling: median LMLHD - ceiling, per task (0 is perfect)\n\n{gap}"
+    for key, digits, title in (
+            ("lmlhd_q10", 2, "Bad tasks: 10% quantile of the per-task LMLHD (higher is better)"),
+            ("tail", 2, f"Failures: fraction of test tasks more than {TAIL_NATS:.0f} nats below the Bayes-optimal "
+                        "score (lower is better)"),
+            ("calibration", 3, "Calibration error of the predictive mixture: mean over levels 0.1 ... 0.9 of "
+                               "|empirical - nominal| coverage of its central intervals (0 is perfect)")):
+        if any(r["status"] == "ok" and key in r["scores"].get(n, {}) for r in agg.values() for n in contexts):
+            text += f"\n\n{title}\n\n" + lines(["method"] + [f"n={n}" for n in contexts],
+                                                lambda r: [fmt(r["scores"][n][key], digits)
+                                                           if key in r["scores"].get(n, {}) else "–" for n in contexts])
     gold = {k: r for k, r in agg.items() if k.startswith("gold: ")}
     if gold:
         ns = [n for n in contexts if n >= 1]
