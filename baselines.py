@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, SAMPLE_BLOCK, WIDTHS, BOOL, BNN, Batch, SaveLoad, SetEncoder,
-                       _is_real,
-                       _require, _require_fields, check_compatible, check_inputs, check_samples,
+                       _is_real, _require, _require_fields, check_compatible, check_generator, check_inputs,
+                       check_samples,
                        check_training_data, finite, gaussian_loglik, mlp, random_subset, task_minibatch, train_loop)
 
 
@@ -64,6 +64,7 @@ def _fit(method, data: Batch, gen: torch.Generator, name: str) -> list:
     """Shared outer loop: random task minibatch, random context subset, targets = all points."""
     cfg = method.cfg
     data = check_training_data(data, cfg.dx, cfg.dy, method.dtype_ref, cfg.min_context)
+    check_generator(gen, method.dtype_ref)
 
     def loss(it):
         batch = task_minibatch(data, cfg.tasks_per_batch, gen)
@@ -281,6 +282,7 @@ class NeuralProcess(SaveLoad, nn.Module):
     def __init__(self, cfg: NPConfig, gen: torch.Generator):
         super().__init__()
         _require(isinstance(cfg, NPConfig), "cfg", "an NPConfig", cfg)
+        check_generator(gen)
         self.cfg = cfg
         self.encoder = SetEncoder(cfg.dx, cfg.dy, cfg.z_dim, gen, cfg.hidden, cfg.r_dim)
         self.decoder = mlp([cfg.dx + cfg.z_dim, cfg.hidden, cfg.hidden, cfg.hidden, 2 * cfg.dy], gen)
@@ -324,6 +326,7 @@ class NeuralProcess(SaveLoad, nn.Module):
     def predictive(self, ctx: Batch, x_target, S: int, gen: torch.Generator):
         ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
         x_target, S = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
+        check_generator(gen, self.dtype_ref)
         with torch.no_grad():
             mu, log_std = self.posterior(ctx)
             z = self._sample_z(mu, log_std, S, gen)                             # [T, S, z_dim]

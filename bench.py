@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -55,6 +56,7 @@ import torch
 
 import baselines as bl
 import ldvi_meta as lm
+from gold import Gold
 from tasks import TASKS, bayes_optimal, linesine, make_tasks, sinusoid  # noqa: F401 (re-exported)
 
 RESULTS = "results"
@@ -159,7 +161,7 @@ def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chun
     out, t0, threads = {}, time.perf_counter(), torch.get_num_threads()
     done = []
     try:
-        if workers > 1:
+        if cpu:  # one intra-op thread per job whatever the pool size: the same numbers for any `workers`
             torch.set_num_threads(1)
         with ThreadPoolExecutor(workers) as pool:
             for i, res in enumerate(pool.map(job, range(len(jobs)))):
@@ -197,38 +199,6 @@ def summaries(per_task: dict, test: lm.Batch, bayes: dict | None = None) -> dict
 
 
 # -----------------------------------------------------------------------------
-# the gold standard: HMC on a trained LDVI model's own posterior
-
-class Gold:
-    """predictive() of a trained LDVIMeta with the diffusion replaced by a long batched HMC
-    (chains started from the prior, mass matrix from q0's scales, step size adapted in
-    warm-up); S draws are taken evenly from the kept part of all chains. Convergence: the
-    split R-hat across chains of the context log-likelihood log p(C | theta)."""
-
-    def __init__(self, model: lm.LDVIMeta, chains: int, warmup: int, draws: int, n_leapfrog: int, name: str):
-        self.model, self.chains, self.warmup, self.draws, self.n_leapfrog = model, chains, warmup, draws, n_leapfrog
-        self.name, self.stats = name, {}
-
-    def predictive(self, ctx: lm.Batch, x_target, S: int, gen: torch.Generator):
-        model = self.model
-        ctx = model.check(ctx)
-        n, C = int(ctx.counts.max()), self.chains
-        loglik = lambda v: lm.gaussian_loglik(model.bnn(model.theta(v), ctx.x), ctx.y, ctx.mask,  # noqa: E731
-                                              model.sigma_y)                                    # [T, C]
-        with torch.no_grad():
-            m, log_s = model.q0(ctx)                                                 # [T, r + D]
-            v0 = model.sample_prior(ctx.x.shape[0], C, gen)                          # [T, C, r + D]
-            v, trace, acc = lm.hmc(model.target(ctx), v0, (2 * log_s).exp().unsqueeze(1), gen, self.warmup,
-                                   self.draws, self.n_leapfrog, thin=max(1, self.draws * C // S), trace=loglik,
-                                   progress=f"{self.name} gold n={n}" if self.name else "")
-            T, _, N, Dv = v.shape
-            keep = torch.linspace(0, C * N - 1, S).round().long()                    # S of the C * N kept draws
-            v = v.transpose(1, 2).reshape(T, N * C, Dv)[:, keep]                     # [T, S, r + D]
-            self.stats[n] = dict(accept=acc.tolist(), rhat_loglik=lm.split_rhat(trace).tolist())
-            return lm.finite(model.bnn(model.theta(v), x_target), "gold"), model.sigma_y
-
-
-# -----------------------------------------------------------------------------
 # one seed: data, reference rows, then every method (a failure becomes a row)
 
 def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
@@ -246,23 +216,34 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
     if args.task in TASKS and "per_task" not in rows.get("Bayes-optimal", {}):  # (older files lack per_task)
         t0 = time.perf_counter()
         print(f"[bench] seed {seed}: Bayes-optimal rows", file=sys.stderr, flush=True)
-        bayes = bayes_optimal(test, args.contexts, args.noise, args.task, args.samples, torch.Generator().manual_seed(
-            1000 * seed + 7), draws=args.bayes_draws)
+        try:
+            bayes = bayes_optimal(test, args.contexts, args.noise, args.task, args.samples,
+                                  torch.Generator().manual_seed(1000 * seed + 7), draws=args.bayes_draws)
+        except ValueError as e:  # e.g. importance sampling degenerate at a tiny noise: the rows fail, nothing else
+            bayes = {}
+            for row in ("Bayes-optimal", "Bayes, S draws"):
+                rows[row] = dict(status="failed", error=f"ValueError: {e}")
         ms = (time.perf_counter() - t0) * 1e3 / (len(args.contexts) * args.test_tasks)
         for row, (lk, mk) in (("Bayes-optimal", ("exact", "exact_mse")), ("Bayes, S draws", ("draws", "draws_mse"))):
+            if not bayes:
+                break
             rows[row] = dict(status="ok", train_s=0.0, ms_per_task=ms, params=0,
                              scores={n: dict(lmlhd=d[lk].median().item(), mse=d[mk].median().item(),
                                              lmlhd_q10=torch.quantile(d[lk].double(), 0.1).item())
                                      for n, d in bayes.items()})
-        rows["Bayes-optimal"]["per_task"] = {n: d["exact"].tolist() for n, d in bayes.items()}  # for the tails
+        if bayes:
+            rows["Bayes-optimal"]["per_task"] = {n: d["exact"].tolist() for n, d in bayes.items()}  # for the tails
         save_partial(rows)
-    if "Bayes-optimal" in rows:
+    if "per_task" in rows.get("Bayes-optimal", {}):
         per_task["Bayes-optimal"] = {int(n): torch.tensor(v) for n, v in rows["Bayes-optimal"]["per_task"].items()}
     for name in args.methods:
+        cls, cfg = method_configs(args)[name]
         if name in rows and rows[name]["status"] == "ok" and not args.gold:
             print(f"[bench] seed {seed}: {name} reused from the partial results (--resume)", file=sys.stderr)
+            saved = os.path.join(args.save_dir or "", f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")
+            if args.plot and seed == args.seed and args.save_dir and os.path.exists(saved):
+                models[name] = cls.load(saved, device)  # for the figures only
             continue
-        cls, cfg = method_configs(args)[name]
         cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
         path = lambda d: os.path.join(d, f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")  # noqa: E731
         try:
@@ -279,6 +260,7 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
                 train_s = time.perf_counter() - t0
                 if args.save_dir:
                     model.save(path(args.save_dir), train_s=train_s)
+                    args.written.append(path(args.save_dir))
             print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
             scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name, not args.quiet)
             rows[name] = dict(status="ok", scores=summaries(scores, test, per_task.get("Bayes-optimal")),
@@ -295,9 +277,11 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
         save_partial(rows)
     if args.plot and seed == args.seed and models:
         plot(args.plot, models, test, f_true, args, g(6))
+        args.written.append(args.plot)
         if any(isinstance(m, lm.LDVIMeta) for m in models.values()):
             stem, ext = os.path.splitext(args.plot)
             plot_prior(f"{stem}_prior{ext}", models, g(9))
+            args.written.append(f"{stem}_prior{ext}")
     return rows
 
 
@@ -418,52 +402,57 @@ def write_json_atomic(path: str, obj) -> None:
     lm.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1))
 
 
-def save_figure(fig, path: str) -> None:
+def save_figure(fig, path: str, tight: bool = True) -> None:
     """Write a matplotlib figure atomically, in the format of path's extension."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     lm.write_atomic(path, lambda fh: fig.savefig(fh, format=os.path.splitext(path)[1][1:].lower(), dpi=80), mode="wb")
     plt.close(fig)
 
 
-def plot(path: str, models: dict, test: lm.Batch, f_true, args, gen) -> None:
-    """Rows: methods; columns: 3 test tasks x context sizes 1, 4, 16. Mean, 2-sigma band of the
-    predictive mixture, a few sampled functions, the context points and the true function."""
+def plot(path: str, models: dict, test: lm.Batch, f_true, args, gen, task: int = 0) -> None:
+    """Rows: methods; columns: context sizes 1, 4, 16 of one test task. The predictive mixture's
+    mean and 2-sigma band, five of its components, the context points and the true function."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sizes = [n for n in (1, 4, 16) if n <= args.test_points]
-    tasks = list(range(min(3, test.x.shape[0])))
     line = torch.linspace(-5, 5, 200, device=test.x.device, dtype=test.x.dtype).view(1, 200, 1)
-    truth = f_true(line.expand(test.x.shape[0], 200, 1))[tasks]   # f_true covers all test tasks
-    grid = line.expand(len(tasks), 200, 1)
-    sub = lm.Batch(test.x[tasks], test.y[tasks], test.mask[tasks])
-    fig, axes = plt.subplots(len(models), len(tasks) * len(sizes), figsize=(3 * len(tasks) * len(sizes),
-                             2.3 * len(models)), sharex=True, squeeze=False)
-    xs = grid[0, :, 0].cpu()
+    truth = f_true(line.expand(test.x.shape[0], 200, 1))[task, :, 0].cpu()   # f_true covers all test tasks
+    sub = lm.Batch(test.x[task:task + 1], test.y[task:task + 1], test.mask[task:task + 1])
+    fig, axes = plt.subplots(len(models), len(sizes), figsize=(3.4 * len(sizes), 2.2 * len(models) + 0.8),
+                             sharex=True, sharey=True, squeeze=False)
+    xs = line[0, :, 0].cpu()
     for i, (name, model) in enumerate(models.items()):
         for j, n in enumerate(sizes):
             ctx = lm.first_n(sub, n)
-            mean, std = model.predictive(ctx, grid, 64, gen)                      # [t, S, 200, 1]
+            mean, std = model.predictive(ctx, line, 64, gen)                     # [1, S, 200, 1]
             std = torch.as_tensor(std, device=mean.device).expand_as(mean)
-            mix_mean = mean.mean(1)
-            mix_std = (mean.var(1, unbiased=False) + std.square().mean(1)).sqrt()
-            for k, t in enumerate(tasks):
-                ax = axes[i, k * len(sizes) + j]
-                mu, sd = mix_mean[k, :, 0].cpu(), mix_std[k, :, 0].cpu()
-                ax.fill_between(xs, mu - 2 * sd, mu + 2 * sd, color="C0", alpha=0.2)
-                for s in range(min(5, mean.shape[1])):
-                    ax.plot(xs, mean[k, s, :, 0].cpu(), color="C0", lw=0.5, alpha=0.6)
-                ax.plot(xs, mu, color="C0", lw=1.5)
-                ax.plot(xs, truth[k, :, 0].cpu(), "k--", lw=1)
-                ax.scatter(ctx.x[k, :n, 0].cpu(), ctx.y[k, :n, 0].cpu(), color="C3", s=12, zorder=3)
-                ax.set_ylim(-7, 7)
-                if i == 0:
-                    ax.set_title(f"task {t}, n = {n}", fontsize=9)
-                if k * len(sizes) + j == 0:
-                    ax.set_ylabel(name, fontsize=8)
-    save_figure(fig, path)
+            mu = mean.mean(1)[0, :, 0].cpu()
+            sd = (mean.var(1, unbiased=False) + std.square().mean(1)).sqrt()[0, :, 0].cpu()
+            ax = axes[i, j]
+            ax.fill_between(xs, mu - 2 * sd, mu + 2 * sd, color="C0", alpha=0.2, label="predictive ± 2 std")
+            for s in range(min(5, mean.shape[1])):
+                ax.plot(xs, mean[0, s, :, 0].cpu(), color="C0", lw=0.5, alpha=0.6,
+                        label="five components (samples)" if s == 0 else None)
+            ax.plot(xs, mu, color="C0", lw=1.5, label="predictive mean")
+            ax.plot(xs, truth, "k--", lw=1, label="true function")
+            ax.scatter(ctx.x[0, :n, 0].cpu(), ctx.y[0, :n, 0].cpu(), color="C3", s=14, zorder=3,
+                       label="context points")
+            ax.set_ylim(-7, 7)
+            if i == 0:
+                ax.set_title(f"n = {n} context point{'s' if n > 1 else ''}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{name}\ny", fontsize=9)
+            if i == len(models) - 1:
+                ax.set_xlabel("x")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.suptitle(f"Predictive distributions on test task {task} ({args.task}): one row per method", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    save_figure(fig, path, tight=False)
 
 
 def plot_prior(path: str, models: dict, gen) -> None:
@@ -474,7 +463,7 @@ def plot_prior(path: str, models: dict, gen) -> None:
     import matplotlib.pyplot as plt
 
     ours = {k: m for k, m in models.items() if isinstance(m, lm.LDVIMeta)}
-    fig, axes = plt.subplots(1, len(ours), figsize=(3.2 * len(ours), 2.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(ours), figsize=(3.4 * len(ours), 3.0), squeeze=False, sharey=True)
     for ax, (name, model) in zip(axes[0], ours.items()):
         mean = model.prior_mean
         grid = torch.linspace(-5, 5, 200, device=mean.device, dtype=mean.dtype).view(1, 200, 1)
@@ -484,70 +473,168 @@ def plot_prior(path: str, models: dict, gen) -> None:
             ax.plot(grid[0, :, 0].cpu(), f[s], lw=1)
         ax.set_title(f"{name} (r = {model.cfg.latent})", fontsize=9)
         ax.set_ylim(-7, 7)
+        ax.set_xlabel("x")
+    axes[0, 0].set_ylabel("f(x)")
+    fig.suptitle("Twelve functions drawn from each meta-learned prior (no context)", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_headline(path: str, results: dict) -> None:
+    """LMLHD (median over test tasks, per task) against the context size n for every method, with
+    the Bayes-optimal ceiling and the oracle; one panel per family. results: {family: results JSON}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.4), squeeze=False)
+    for ax, (family, res) in zip(axes[0], results.items()):
+        seeds = len(res["config"]["seeds"])
+        for k, (name, row) in enumerate(res["results"].items()):
+            if row["status"] != "ok" or name.startswith("gold: ") or name == "Bayes, S draws":
+                continue
+            ns = sorted(int(n) for n in row["scores"])
+            mean = [row["scores"][str(n)]["lmlhd"]["mean"] for n in ns]
+            std = [row["scores"][str(n)]["lmlhd"]["std"] for n in ns]
+            ref = name in ("oracle", "Bayes-optimal")
+            style = dict(color="k", ls=":" if name == "oracle" else "--", lw=1.5) if ref else \
+                dict(marker="o", ms=4, lw=2 if name == "LDVI-overdamped" else 1.2)
+            ax.errorbar(ns, mean, yerr=std if seeds > 1 and not ref else None, label=name, capsize=2, **style)
+        ax.set_yscale("symlog", linthresh=20)
+        ax.set_xlabel("context size n (points seen)")
+        ax.set_ylabel("LMLHD per task (median over 256 test tasks)")
+        ax.set_title(f"{family}: {seeds} seed{'s' if seeds > 1 else ''} (mean ± std over seeds); higher is better",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Log marginal predictive likelihood of 64 target points against the context size", fontsize=11)
     save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
 # --speed: throughput of every method, how ours scales, and the BNN against a large GEMM
 
-def speed(args, device) -> dict:
+def _timer(device):
+    """timed(fn, reps): seconds per call after one warm-up call (CUDA synchronized)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
     def timed(fn, reps=3):
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        fn()
+        sync()
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - t0) / reps
+    return timed
 
+
+def matmul_flops(fn) -> int:
+    """FLOPs of the matrix products in fn() (forward and backward), counted by torch's FlopCounterMode
+    with every product a plain matmul: the same arithmetic whichever way _matmul computes it."""
+    from torch.utils.flop_counter import FlopCounterMode
+    fast, lm._matmul = lm._matmul, torch.matmul
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        lm._matmul = fast
+    return counter.get_total_flops()
+
+
+def speed(args, device) -> dict:
+    """Training ms/iteration and evaluation ms/task (context n = 8, S = --samples) of every method
+    on the flags' task family; GFLOP/s of ours' training step and of the BNN gradient against a
+    2048^3 GEMM measured in this process; with --baseline DIR, ours against the ldvi_meta.py of an
+    older checkout, timed alternately in this process."""
+    timed = _timer(device)
     g = torch.Generator(device=device).manual_seed(0)
-    train, _, _ = make_tasks(sinusoid, 64, 16, 0.25, g)
-    test, _, _ = make_tasks(sinusoid, args.test_tasks, args.test_points, 0.25, g)
-    chunks = task_chunks(test, args.chunk)  # as in evaluate
-
-    def adapt_all(model):  # adaptation + prediction for every test task, context size 8
-        return [model.predictive(lm.first_n(part, 8), part.x, args.samples, g) for part in chunks]
-    out = dict(device=str(device), machine=f"{platform.machine()}, {os.cpu_count()} CPUs", torch=torch.__version__,
-               adapt_setting=dict(test_tasks=test.x.shape[0], test_points=test.x.shape[1], context=8,
-                                  samples=args.samples, chunk=args.chunk), methods={}, scaling={})
-    # hardware efficiency: the BNN's batched gradient (8 points, S particles) against a 2048^3 GEMM
+    train, _, _ = make_tasks(args.family, args.meta_tasks, args.points, args.noise, g)
+    test, _, _ = make_tasks(args.family, min(args.test_tasks, 16), args.test_points, args.noise, g)
+    n = min(8, args.test_points)
+    out = dict(device=str(device), machine=f"{platform.machine()}, {os.cpu_count()} CPUs, "
+               f"{torch.get_num_threads()} threads", torch=torch.__version__,
+               setting=dict(task=args.task, meta_tasks=args.meta_tasks, points=args.points, noise=args.noise,
+                            test_tasks=test.x.shape[0], test_points=args.test_points, context=n,
+                            samples=args.samples, chunk=args.chunk, K=args.K, latent=args.latent), methods={})
     a = torch.randn(2048, 2048, device=device, generator=g)
     gemm = 2 * 2048 ** 3 / timed(lambda: a @ a, reps=5) / 1e9
-    bnn, ctx = lm.BNN(), lm.first_n(chunks[0], 8)
-    theta = 0.1 * torch.randn(1, args.samples, bnn.n_params, device=device, generator=g)
-    sec = timed(lambda: bnn.loglik_and_grad(theta, ctx, torch.tensor(0.25, device=device)), reps=20)
-    macs = sum(a_ * b_ for a_, b_ in bnn.shapes) * 3 - bnn.shapes[0][0] * bnn.shapes[0][1]  # forward, dW, delta
-    flops = 2 * macs * 8 * args.samples
+    ctx = lm.first_n(task_chunks(test, args.chunk)[0], n)
+    bnn = lm.BNN()
+    theta = 0.1 * torch.randn(ctx.x.shape[0], args.samples, bnn.n_params, device=device, generator=g)
+    sigma = torch.tensor(args.noise, device=device)
+    sec = timed(lambda: bnn.loglik_and_grad(theta, ctx, sigma), reps=20)
+    flops = matmul_flops(lambda: bnn.loglik_and_grad(theta, ctx, sigma))
     out["hardware"] = dict(gemm_2048_gflops=gemm, bnn_grad_ms=sec * 1e3, bnn_grad_gflops=flops / sec / 1e9,
                            bnn_fraction_of_gemm=flops / sec / 1e9 / gemm)
-    print(f"[speed] GEMM 2048^3: {gemm:.0f} GFLOP/s; BNN gradient (8 points, {args.samples} particles): "
-          f"{sec * 1e3:.2f} ms = {flops / sec / 1e9:.1f} GFLOP/s ({flops / sec / 1e9 / gemm:.1%} of GEMM)",
+    print(f"[speed] GEMM 2048^3: {gemm:.0f} GFLOP/s; BNN gradient ({n} points, {theta.shape[0]} x {args.samples} "
+          f"particles): {sec * 1e3:.2f} ms = {flops / sec / 1e9:.1f} GFLOP/s ({flops / sec / 1e9 / gemm:.1%} of GEMM)",
           file=sys.stderr, flush=True)
     for name in args.methods:
         cls, cfg = method_configs(args)[name]
         cfg.log_every = 0
         model = cls(cfg, torch.Generator().manual_seed(0)).to(device)
-        it = timed(lambda: train_step(model, train, g))
-        ad = timed(lambda: adapt_all(model), reps=1)
-        out["methods"][name] = dict(meta_iters_per_s=1 / it, adapt_s_all_tasks=ad,
-                                    adapt_ms_per_task=ad * 1e3 / test.x.shape[0])
-        if name == "MAML":
-            ref = timed(lambda: train_step(model, train, g, lambda c, b, _: vmap_maml_loss(model, c, b)))
-            out["methods"]["MAML (torch.func.vmap reference)"] = dict(meta_iters_per_s=1 / ref)
-            print(f"[speed] MAML vmap reference: {1 / ref:.1f} meta-it/s", file=sys.stderr, flush=True)
-        print(f"[speed] {name}: {1 / it:.1f} meta-it/s, {ad * 1e3 / test.x.shape[0]:.2f} ms/task "
-              f"(S = {args.samples})", file=sys.stderr, flush=True)
+        it = timed(lambda: train_step(model, train, g), reps=5)
+        ev = timed(lambda: evaluate(model, test, [n], args.samples, g, args.chunk, progress=False), reps=1)
+        row = out["methods"][name] = dict(train_ms_per_iter=it * 1e3, eval_ms_per_task=ev * 1e3 / test.x.shape[0])
+        if isinstance(model, lm.LDVIMeta):
+            f = matmul_flops(lambda: train_step(model, train, g))
+            row.update(train_matmul_gflop_per_iter=f / 1e9, train_gflops=f / it / 1e9,
+                       train_fraction_of_gemm=f / it / 1e9 / gemm)
+        print(f"[speed] {name}: training {it * 1e3:.1f} ms/iteration, evaluation {row['eval_ms_per_task']:.1f} "
+              f"ms/task (S = {args.samples})" + (f", {row['train_gflops']:.1f} GFLOP/s in training "
+                                                 f"({row['train_fraction_of_gemm']:.1%} of GEMM)" if
+                                                 "train_gflops" in row else ""), file=sys.stderr, flush=True)
+    if args.baseline:
+        out["baseline"] = against_baseline(args, device, train, test, n, timed)
+    return out
+
+
+def against_baseline(args, device, train, test, n: int, timed, rounds: int = 5) -> dict:
+    """Ours (both kernels, the flags' K and r) against the ldvi_meta.py of the checkout args.baseline:
+    the old and the new model take turns, `rounds` times, each timing 5 training iterations and one
+    evaluation of every test task (the old one as its benchmark ran it: chunks in turn on torch's
+    threads; the new one with this evaluate). Medians and their ratio old / new."""
+    spec = importlib.util.spec_from_file_location("ldvi_meta_baseline", os.path.join(args.baseline, "ldvi_meta.py"))
+    old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(old)
+    S, chunk = args.samples, args.chunk
+
+    def old_eval(model):
+        for part in task_chunks(test, chunk):
+            part = old.Batch(*part)
+            mean, std = model.predictive(old.first_n(part, n), part.x, S, g)
+            old.log_predictive(mean, std, part), old.mse(mean, part)
+
+    def new_eval(model):
+        evaluate(model, test, [n], S, g, chunk, progress=False)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    out = {}
     for kernel in lm.KERNELS:
-        rows = out["scaling"][kernel] = []
-        for P, K, T in ([(P, 10, 16) for P in (1, 4, 16, 64, 256)] + [(16, K, 16) for K in (0, 2, 4, 8, 16, 32)]
-                        + [(16, 10, T) for T in (1, 4, 16, 64)]):
-            model = lm.LDVIMeta(lm.LDVIConfig(kernel=kernel, K=K, latent=args.latent, particles=P, tasks_per_batch=T,
-                                              log_every=0), torch.Generator().manual_seed(0)).to(device)
-            sec = timed(lambda: train_step(model, train, g), reps=2)
-            rows.append(dict(P=P, K=K, T=T, ms_per_iter=sec * 1e3))
-            print(f"[speed] {kernel} P={P} K={K} T={T}: {sec * 1e3:.1f} ms/iteration", file=sys.stderr, flush=True)
+        fields = dict(kernel=kernel, K=args.K, latent=args.latent, sigma_y=args.noise, learn_sigma_y=False, lr=3e-3,
+                      lr_final=0.1, iters=1800, log_every=0)
+        runs = {}
+        for tag, mod, ev in (("old", old, old_eval), ("new", lm, new_eval)):
+            cfg = mod.LDVIConfig(**{k: v for k, v in fields.items() if k in mod.LDVIConfig.__dataclass_fields__})
+            model = mod.LDVIMeta(cfg, torch.Generator().manual_seed(0)).to(device)
+            data = mod.Batch(*train)
+            step = lambda mod=mod, model=model, data=data: model.loss(  # noqa: E731
+                mod.task_minibatch(data, model.cfg.tasks_per_batch, g), g).backward()
+            runs[tag] = (step, lambda ev=ev, model=model: ev(model), dict(train=[], eval=[]))
+        for _ in range(rounds):
+            for tag, (step, ev, t) in runs.items():
+                t["train"].append(timed(step, reps=5) * 1e3)
+                t["eval"].append(timed(ev, reps=1) * 1e3 / test.x.shape[0])
+        med = {tag: {k: sorted(v)[len(v) // 2] for k, v in t.items()} for tag, (_, _, t) in runs.items()}
+        out[kernel] = dict(old=runs["old"][2], new=runs["new"][2],
+                           train_ms_per_iter=dict(old=med["old"]["train"], new=med["new"]["train"],
+                                                  ratio=med["old"]["train"] / med["new"]["train"]),
+                           eval_ms_per_task=dict(old=med["old"]["eval"], new=med["new"]["eval"],
+                                                 ratio=med["old"]["eval"] / med["new"]["eval"]))
+        print(f"[speed] {kernel} vs {args.baseline}: training {med['old']['train']:.1f} -> {med['new']['train']:.1f} "
+              f"ms/iteration ({out[kernel]['train_ms_per_iter']['ratio']:.2f}x), evaluation {med['old']['eval']:.1f} "
+              f"-> {med['new']['eval']:.1f} ms/task ({out[kernel]['eval_ms_per_task']['ratio']:.2f}x)",
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -592,6 +679,10 @@ def resolve_task(name: str):
     module, _, func = name.partition(":")
     if not (module and func):
         raise ValueError(f"--task: expected one of {sorted(TASKS)} or module:function, got {name!r}")
+    mine = {"bench", "ldvi_meta", "baselines", "tasks", "gold"}
+    if module.split(".")[0] in mine:
+        raise ValueError(f"--task {name}: a module named {module.split('.')[0]!r} is shadowed by the benchmark's "
+                         f"own; rename your module (the benchmark's are {', '.join(sorted(mine))})")
     sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), func)
@@ -602,8 +693,13 @@ def resolve_task(name: str):
 def check_writable_folder(flag: str, folder: str, create: bool = False) -> None:
     """Raise ValueError unless folder exists (or, with create, can be made) and takes a file."""
     folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag}: expected a folder, {folder} is a file")
     if create and not os.path.isdir(folder) and os.path.isdir(os.path.dirname(folder)):
-        os.mkdir(folder)
+        try:
+            os.mkdir(folder)
+        except OSError as e:
+            raise ValueError(f"{flag}: cannot create the folder {folder} ({e.strerror})") from None
     if not os.path.isdir(folder):
         raise ValueError(f"{flag}: the folder {folder} does not exist")
     try:  # a real write: os.access says yes to root even on a read-only mount
@@ -612,13 +708,16 @@ def check_writable_folder(flag: str, folder: str, create: bool = False) -> None:
         raise ValueError(f"{flag}: cannot write into {folder} ({e.strerror})") from None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows every default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=_HelpFormatter)
     p.add_argument("--task", default="sinusoid", help="sinusoid, linesine, or module:function (a task family)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all but the LDVI-diagonal "
-                        "ablation, which would take the default run past 30 minutes on 2 CPU cores)")
+                   help=f"comma-separated subset of {','.join(METHODS)}; the default leaves out the LDVI-diagonal "
+                        "ablation")
     p.add_argument("--meta-tasks", type=int, default=64, help="meta-training tasks")
     p.add_argument("--points", type=int, default=16, help="points per meta-training task")
     p.add_argument("--test-tasks", type=int, default=256, help="test tasks")
@@ -628,16 +727,17 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=1024, help="posterior samples S per test task")
     p.add_argument("--K", type=int, default=5, help="diffusion steps of ours")
     p.add_argument("--latent", type=int, default=8, help="r, task-latent dimension of ours' prior (0: diagonal)")
-    p.add_argument("--iters", type=int, default=None, help="meta-training iterations of every method (overrides)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="meta-training iterations of every method (default: LDVI 1800, NP 3000, MAML 1500, BMAML 1000)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds; report mean ± std")
     p.add_argument("--chunk", type=int, default=None,
-                   help="test tasks per evaluation call (default max(1, 1024 // samples): on the CPU, "
+                   help="test tasks per evaluation call (default: max(1, 1024 // samples); on the CPU, "
                         "small [tasks, samples, D] tensors that stay in cache are 2-4x faster)")
     p.add_argument("--gold", type=int, default=0, help="HMC gold standard on the first N test tasks (0: none)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--out", default=None, help="JSON results, and the printed tables in <name>.md beside it "
-                                              "(default results/<task>.json; --quick: a temp folder)")
+    p.add_argument("--out", default=None, help="JSON results (a .json name), and the printed tables in <name>.md "
+                                              "beside it (default: results/<task>.json; --quick: a new temp folder)")
     p.add_argument("--plot", default=None, help="figure of every method's predictive (format from the extension); "
                                                "also <name>_prior.<ext> with function samples from ours' priors")
     p.add_argument("--save-dir", default=None, help="save every trained model here (one .pt file each)")
@@ -645,7 +745,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="reuse the methods finished by an interrupted run with the same configuration")
     p.add_argument("--quick", action="store_true", help="shrink everything: a smoke run of under a minute")
-    p.add_argument("--speed", action="store_true", help="measure throughput and scaling instead of the table")
+    p.add_argument("--speed", action="store_true", help="measure training and evaluation speed instead of the table")
+    p.add_argument("--baseline", default=None,
+                   help="with --speed: a checkout of an older version of this project; its ldvi_meta.py is timed "
+                        "against today's in the same process")
     p.add_argument("--quiet", action="store_true", help="no training progress on stderr")
     args = p.parse_args(argv)
     try:
@@ -682,9 +785,14 @@ def check_args(args) -> None:
     if unknown or not names or len({m.lower() for m in names}) != len(names):
         raise ValueError(f"--methods: expected distinct names from {', '.join(METHODS)}, got {args.methods!r}")
     args.methods = [lookup[m.lower()] for m in names]
-    if args.quick:
-        args.meta_tasks, args.test_tasks = min(args.meta_tasks, 16), min(args.test_tasks, 16)
-        args.samples, args.K = min(args.samples, 8), min(args.K, 2)
+    args.quick_changes, args.written = [], []
+    if args.quick:  # shrink, and say what was shrunk
+        caps = dict(meta_tasks=16, test_tasks=16, samples=8, K=2, iters=15)
+        for name, cap in caps.items():
+            v = getattr(args, name)
+            if v is None or v > cap:
+                args.quick_changes.append(f"--{name.replace('_', '-')} {'default' if v is None else v} -> {cap}")
+                setattr(args, name, cap)
     if args.gold:
         if args.gold > args.test_tasks:
             raise ValueError(f"--gold: expected at most --test-tasks = {args.test_tasks} tasks, got {args.gold}")
@@ -693,7 +801,7 @@ def check_args(args) -> None:
     args.hmc = dict(chains=64, warmup=300, draws=160, n_leapfrog=10) if not args.quick else \
         dict(chains=8, warmup=10, draws=10, n_leapfrog=3)
     args.bayes_draws = 1 << 15 if not args.quick else 1 << 10
-    base = dict(ldvi=1800, np=3000, maml=1500, bmaml=1000) if not args.quick else dict(ldvi=15, np=15, maml=15, bmaml=15)
+    base = dict(ldvi=lm.LDVIConfig.iters, np=3000, maml=1500, bmaml=1000)
     args.iters = {k: args.iters for k in base} if args.iters is not None else base
     args.family = resolve_task(args.task)
     try:  # a tiny draw now: a broken family fails here, not after an hour of training
@@ -712,13 +820,24 @@ def check_args(args) -> None:
                                  f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} available)")
     if args.speed and (args.gold or args.save_dir or args.load_dir or args.resume or args.plot):
         raise ValueError("--speed: cannot be combined with --gold, --save-dir, --load-dir, --resume or --plot")
+    if args.baseline is not None:
+        if not args.speed:
+            raise ValueError("--baseline: only with --speed")
+        if not os.path.isfile(os.path.join(args.baseline, "ldvi_meta.py")):
+            raise ValueError(f"--baseline: expected a checkout of this project, {args.baseline} has no ldvi_meta.py")
+    if args.task in TASKS:  # a small probe: noise too low for the exact rows fails here, not after the training
+        probe, _, _ = make_tasks(args.family, 2, max(args.contexts), args.noise, torch.Generator().manual_seed(0))
+        bayes_optimal(probe, args.contexts, args.noise, args.task, 4, torch.Generator().manual_seed(0),
+                      draws=args.bayes_draws)
     stem = args.task.replace(":", "_")
     if args.out is None:
-        folder = RESULTS if not args.quick else os.path.join(tempfile.gettempdir(), "ldvi_meta_quick")
-        os.makedirs(folder, exist_ok=True) if args.quick else None
+        folder = RESULTS if not args.quick else tempfile.mkdtemp(prefix="ldvi_meta_quick_")  # a fresh folder
         args.out = os.path.join(folder, f"{stem}{'_speed' if args.speed else ''}.json")
     if os.path.isdir(args.out):
         raise ValueError(f"--out: expected a file path, {args.out} is a folder")
+    if not args.out.lower().endswith(".json") or not os.path.basename(args.out)[:-5]:
+        raise ValueError(f"--out: expected a file name ending in .json (the tables go beside it as .md), "
+                         f"got {args.out!r}")
     check_writable_folder("--out", os.path.dirname(os.path.abspath(args.out)))
     if args.plot:
         import matplotlib
@@ -735,12 +854,33 @@ def check_args(args) -> None:
     if args.save_dir:
         check_writable_folder("--save-dir", args.save_dir, create=True)
     if args.load_dir:
-        missing = [m for m in args.methods for s in range(args.seed, args.seed + args.seeds)
+        missing = [f"{m} (seed {s})" for m in args.methods for s in range(args.seed, args.seed + args.seeds)
                    if not os.path.exists(os.path.join(args.load_dir, f"{stem}_seed{s}_{m}.pt"))]
         if missing:
-            raise ValueError(f"--load-dir: no saved model for {', '.join(dict.fromkeys(missing))} in {args.load_dir} "
+            raise ValueError(f"--load-dir: no saved model for {', '.join(missing)} in {args.load_dir} "
                              f"(expected files named {stem}_seed<S>_<method>.pt)")
+        for s in range(args.seed, args.seed + args.seeds):
+            for m in args.methods:
+                check_saved_config(os.path.join(args.load_dir, f"{stem}_seed{s}_{m}.pt"), m, args)
     args.chunk = args.chunk or max(1, 1024 // args.samples)  # after --quick has set the samples
+
+
+# the flags that decide a saved model, per config field: a model trained otherwise is refused
+FLAG_OF_FIELD = dict(K="--K", latent="--latent", iters="--iters", sigma_y="--noise")
+
+
+def check_saved_config(path: str, name: str, args) -> None:
+    """Raise ValueError naming the flag and both values if the model saved in path was trained with
+    another configuration than these flags give (its rows would be mislabelled otherwise)."""
+    saved = lm.SaveLoad.read(path)["config"]
+    expected = asdict(method_configs(args)[name][1])
+    for field, want in expected.items():
+        have = saved.get(field, "missing")
+        if field != "log_every" and (list(have) if isinstance(have, tuple) else have) != \
+                (list(want) if isinstance(want, tuple) else want):
+            flag = FLAG_OF_FIELD.get(field, "the benchmark's settings")
+            raise ValueError(f"--load-dir: {name} in {path} was trained with {field} = {have!r}, but {flag} "
+                             f"gives {field} = {want!r}; pass the flags it was trained with, or retrain")
 
 
 def run_config(args, device) -> dict:
@@ -777,10 +917,15 @@ def main(argv=None) -> int:
     fast_allocator()
     torch.manual_seed(args.seed)  # nothing should use the global RNG; this makes sure anyway
     t0 = time.perf_counter()
+    if args.quick:
+        print(f"[bench] --quick: a smoke run of the code path; its numbers mean nothing. Shrunk: "
+              f"{', '.join(args.quick_changes) or 'nothing'}, and every method trains 15 iterations at most. "
+              f"Output goes to {os.path.dirname(os.path.abspath(args.out))}", file=sys.stderr, flush=True)
     if args.speed:
         result = speed(args, device)
         write_json_atomic(args.out, result)
         print(json.dumps(result, indent=1))
+        print(f"[bench] wrote {args.out}", file=sys.stderr)
         return 0
     config = run_config(args, device)
     partial = os.path.splitext(args.out)[0] + ".partial.json"
@@ -789,7 +934,14 @@ def main(argv=None) -> int:
     if args.resume:
         for path in (partial, args.out):
             if os.path.exists(path):
-                old = json.load(open(path))
+                try:
+                    with open(path) as fh:
+                        old = json.load(fh)
+                    old["config"], old["per_seed"]  # noqa: B018 -- both must be there
+                except (ValueError, KeyError, TypeError) as e:
+                    print(f"bench.py: error: --resume: {path} is not a readable results file ({type(e).__name__}: "
+                          f"{e}); delete or move it, or run without --resume", file=sys.stderr)
+                    return 2
                 if {k: v for k, v in old.get("config", {}).items() if k in config} == json.loads(json.dumps(config)):
                     done = {int(s): {name: _int_keys(row) for name, row in rows.items()}
                             for s, rows in zip(old["config"]["seeds"], old["per_seed"])}
@@ -797,7 +949,7 @@ def main(argv=None) -> int:
                     print(f"[bench] --resume: reusing finished rows from {path}", file=sys.stderr)
                     break
                 print(f"[bench] --resume: {path} has another configuration; starting afresh", file=sys.stderr)
-    per_seed = []
+    per_seed, seed_wall = [], {}
 
     def save_partial(rows):
         write_json_atomic(partial, dict(config={**config, "seeds": seeds[:len(per_seed) + 1]}, complete=False,
@@ -805,7 +957,10 @@ def main(argv=None) -> int:
                                         per_seed=per_seed + [rows]))
     try:
         for s in seeds:
+            t_seed = time.perf_counter()
             per_seed.append(run_seed(args, s, device, done.get(s, {}), save_partial))
+            seed_wall[s] = time.perf_counter() - t_seed
+            print(f"[bench] seed {s} done in {seed_wall[s]:.0f} s", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print(f"\n[bench] interrupted: {args.out} is unchanged; finished methods are in {partial} "
               f"(rerun with --resume to continue)", file=sys.stderr)
@@ -813,6 +968,7 @@ def main(argv=None) -> int:
     agg = aggregate(per_seed)
     config.update(seeds=seeds, chunk=args.chunk, torch=torch.__version__,
                   wall_s=wall_before + time.perf_counter() - t0,  # over all runs of a resumed benchmark
+                  seed_wall_s=seed_wall,                          # this run's wall time per seed (reused rows: ~0)
                   machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     lines = ["## Configuration", ""] + [f"- {k}: {v}" for k, v in config.items() if k != "methods"]
     lines += [f"- {name} ({DESCRIPTION.get(name, 'baseline')}): " + ", ".join(f"{k}={v}" for k, v in cfg.items())
@@ -822,9 +978,13 @@ def main(argv=None) -> int:
     report = "\n".join(lines + ["", f"## Results ({args.task})", "", table(agg, args.contexts, args.test_points)])
     print(report)
     write_json_atomic(args.out, dict(config=config, complete=True, results=agg, per_seed=per_seed))
-    lm.write_atomic(os.path.splitext(args.out)[0] + ".md", lambda fh: fh.write(report + "\n"))
+    md = os.path.splitext(args.out)[0] + ".md"
+    lm.write_atomic(md, lambda fh: fh.write(report + "\n"))
     if os.path.exists(partial):
         os.unlink(partial)
+    written = [args.out, md] + args.written
+    print("\n[bench] wrote " + ", ".join(written) + (" (a --quick smoke run: these numbers mean nothing)"
+                                                    if args.quick else ""), file=sys.stderr)
     failed = [name for name, r in agg.items() if r["status"] != "ok"]
     if failed:
         print(f"\n[bench] FAILED: {', '.join(failed)} (see the table and {args.out})", file=sys.stderr)

@@ -21,8 +21,7 @@ is the posterior every log w equals log Z (tested to 1e-8):
   overdamped  (exponential-integrator ULA, MCD family [1, 2])
   underdamped (exact rotation + half kicks + partial momentum refresh, UHA/LDVI [1, 3]).
 MATH.md writes out the model, both kernels, their weights and why they are exact.
-A Metropolis-corrected HMC [9, 10] on the same target is the gold standard that tells
-how much the amortized sampler costs.
+(gold.py has the benchmark's gold standard: a Metropolis-corrected HMC on the same target.)
 
 All particle tensors are batched [T, P, D] = [tasks, particles, parameters]; data are
 padded [T, N, dx] / [T, N, dy] tensors with a boolean mask [T, N] (empty sets allowed).
@@ -42,10 +41,6 @@ References
       algorithm. Stochastic Processes and their Applications, 2019.
   [8] O. Papaspiliopoulos, G. Roberts, M. Skold. A general framework for the
       parametrization of hierarchical models. Statistical Science, 2007 (non-centred).
-  [9] R. Neal. MCMC using Hamiltonian dynamics. Handbook of MCMC, 2011.
-  [10] M. Hoffman, A. Gelman. The No-U-Turn sampler. JMLR 2014 (dual averaging).
-  [11] A. Vehtari, A. Gelman, D. Simpson, B. Carpenter, P. Buerkner. Rank-normalization,
-      folding, and localization: an improved R-hat. Bayesian Analysis, 2021 (split R-hat).
 """
 from __future__ import annotations
 
@@ -97,6 +92,16 @@ WIDTHS = (lambda v: isinstance(v, (tuple, list)) and all(_is_int(w) and w >= 1 f
           "a tuple of integer widths >= 1, e.g. (40, 40)")
 
 
+def check_generator(gen, like: torch.Tensor | None = None, name: str = "gen") -> torch.Generator:
+    """gen itself, or ValueError unless it is a torch.Generator (on like's device type, if given)."""
+    if not isinstance(gen, torch.Generator):
+        raise ValueError(f"{name}: expected a torch.Generator, e.g. torch.Generator().manual_seed(0), "
+                         f"got {type(gen).__name__}")
+    if like is not None and gen.device.type != like.device.type:
+        raise ValueError(f"{name}: expected a generator on {like.device.type}, got one on {gen.device}")
+    return gen
+
+
 def _require_fields(obj, names, ok, expected: str) -> None:
     """_require for several fields of a config that share one rule."""
     for name in names:
@@ -146,6 +151,8 @@ class LDVIConfig:
         _require(_is_real(self.refresh_init) and 0 <= self.refresh_init < 1, "refresh_init", "a number in [0, 1)",
                  self.refresh_init)
         _require(_is_real(self.lr_final) and 0 < self.lr_final <= 1, "lr_final", "a number in (0, 1]", self.lr_final)
+        _require(self.latent or not self.latent_hidden, "latent_hidden", "0 when latent = 0 (no task latent to map)",
+                 self.latent_hidden)
 
 
 # -----------------------------------------------------------------------------
@@ -570,80 +577,6 @@ def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# the gold standard: Metropolis-corrected HMC on the same target [9]
-
-class HMCState(NamedTuple):
-    v: torch.Tensor      # [T, C, D] one position per chain
-    value: torch.Tensor  # [T, C] log gamma(v)
-    grad: torch.Tensor   # [T, C, D] grad log gamma(v)
-
-
-def hmc_step(state: HMCState, target: Callable, eps, n_leapfrog: int, inv_mass, gen):
-    """One HMC transition for every chain: momentum p ~ N(0, M), n_leapfrog leapfrog steps of
-    size eps [T, 1, 1] times a per-chain jitter U[0.8, 1.2] (fixed trajectories can resonate
-    with the target and mix badly [9]), accept with prob min(1, exp(-dH)). M = diag(1 / inv_mass),
-    inv_mass [T, 1, D]. Returns (new state, acceptance probabilities [T, C]); a NaN proposal is rejected."""
-    v, value, grad = state
-    T, C, _ = v.shape
-    eps = eps * (0.8 + 0.4 * torch.rand(T, C, 1, generator=gen, device=v.device, dtype=v.dtype))  # [T, C, 1]
-    p = randn(v.shape, gen, v.dtype, v.device) * inv_mass.rsqrt()                   # [T, C, D]
-    h0 = value - 0.5 * (p * p * inv_mass).sum(-1)                         # -H at the start, [T, C]
-    p = p + 0.5 * eps * grad
-    for i in range(n_leapfrog):
-        v = v + eps * inv_mass * p                                        # [T, C, D]
-        value, grad = target(v)
-        p = p + (eps if i < n_leapfrog - 1 else 0.5 * eps) * grad
-    log_accept = (value - 0.5 * (p * p * inv_mass).sum(-1) - h0).nan_to_num(nan=-torch.inf).clamp(max=0.0)
-    accept = torch.rand(log_accept.shape, generator=gen, device=v.device, dtype=v.dtype).log() < log_accept
-    keep = accept.unsqueeze(-1)                                           # [T, C, 1]
-    new = HMCState(torch.where(keep, v, state.v), torch.where(accept, value, state.value),
-                   torch.where(keep, grad, state.grad))
-    return new, log_accept.exp()
-
-
-def hmc(target: Callable, v0, inv_mass, gen, warmup: int = 200, draws: int = 100, n_leapfrog: int = 10,
-        thin: int = 1, trace: Callable | None = None, accept_target: float = 0.75, progress: str = ""):
-    """Run C chains per task from v0 [T, C, D]: `warmup` transitions that adapt one step size
-    per task by dual averaging towards the target acceptance [10], then `draws` transitions,
-    every `thin`-th of which is kept. Returns (kept states [T, C, draws // thin, D], the trace
-    [T, C, draws] of trace(v) -> [T, C] (default log gamma) for convergence checks, mean
-    acceptance after warm-up [T])."""
-    T, C, D = v0.shape
-    state = HMCState(v0, *target(v0))
-    log_eps = torch.full((T, 1, 1), math.log(0.1 / math.sqrt(D)), dtype=v0.dtype, device=v0.device)
-    mu, h_bar, log_eps_bar = log_eps + math.log(10), torch.zeros_like(log_eps), torch.zeros_like(log_eps)
-    kept, values, acc_sum, t0 = [], [], torch.zeros(T, dtype=v0.dtype, device=v0.device), time.perf_counter()
-    for it in range(warmup + draws):
-        eps = log_eps.exp() if it < warmup else log_eps_bar.exp()
-        state, acc = hmc_step(state, target, eps, n_leapfrog, inv_mass, gen)
-        if it < warmup:  # dual averaging with gamma = 0.05, t0 = 10, kappa = 0.75 (Hoffman & Gelman, Alg. 5)
-            t = it + 1
-            h_bar = (1 - 1 / (t + 10)) * h_bar + (accept_target - acc.mean(-1).view(T, 1, 1)) / (t + 10)
-            log_eps = mu - math.sqrt(t) / 0.05 * h_bar
-            log_eps_bar = t ** -0.75 * log_eps + (1 - t ** -0.75) * log_eps_bar
-        else:
-            if (it - warmup + 1) % thin == 0:
-                kept.append(state.v)
-            values.append(state.value if trace is None else trace(state.v))
-            acc_sum += acc.mean(-1)
-        if progress and (it + 1) % 50 == 0:
-            print(f"[{progress}] HMC {it + 1}/{warmup + draws}  {time.perf_counter() - t0:.0f}s", file=sys.stderr,
-                  flush=True)
-    return torch.stack(kept, 2), torch.stack(values, 2), acc_sum / max(draws, 1)
-
-
-def split_rhat(x: torch.Tensor) -> torch.Tensor:
-    """Split R-hat [11] of a scalar over chains: x [T, C, N] -> [T] (1 = converged)."""
-    T, C, N = x.shape
-    half = N // 2
-    x = torch.cat([x[..., :half], x[..., half:2 * half]], 1)               # [T, 2C, N/2]
-    n = x.shape[-1]
-    within = x.var(-1).mean(-1)                                            # W, [T]
-    between = x.mean(-1).var(-1)                                           # B / n, [T]
-    return (((n - 1) / n * within + between) / within).sqrt()
-
-
-# -----------------------------------------------------------------------------
 # the DeepSets set encoder: C -> (dm, dlogs), initialized so that q0 = prior
 
 def mlp(sizes, gen: torch.Generator) -> nn.Sequential:
@@ -706,18 +639,37 @@ class SaveLoad:
 
     def save(self, path: str, **meta: float) -> None:
         """Write {method, config, state_dict, meta} whole or not at all (meta: e.g. train_s=...)."""
-        obj = dict(method=type(self).__name__, config=asdict(self.cfg), meta=meta,
+        plain = lambda v: (int(v) if _is_int(v) else float(v) if isinstance(v, numbers.Real) and  # noqa: E731
+                           not isinstance(v, bool) else v)   # numpy scalars -> Python: weights_only can read them
+        config = {k: type(v)(plain(x) for x in v) if isinstance(v, (tuple, list)) else plain(v)
+                  for k, v in asdict(self.cfg).items()}
+        obj = dict(method=type(self).__name__, config=config, meta={k: plain(v) for k, v in meta.items()},
                    state_dict={k: v.detach().cpu() for k, v in self.state_dict().items()})
         write_atomic(path, lambda fh: torch.save(obj, fh), mode="wb")
 
+    @staticmethod
+    def read(path: str) -> dict:
+        """The saved {method, config, state_dict, meta} of path, or ValueError naming the file."""
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- truncated, not a torch file, unreadable: all say the same
+            raise ValueError(f"path: {path} is not a readable model file ({type(e).__name__}: {e})") from None
+        if not isinstance(obj, dict) or not {"method", "config", "state_dict"} <= obj.keys():
+            raise ValueError(f"path: {path} is not a model file written by save()")
+        return obj
+
     @classmethod
     def load(cls, path: str, device="cpu"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(obj, dict) or obj.get("method") != cls.__name__:
-            got = obj.get("method") if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"path: expected a saved {cls.__name__}, {path} holds {got!r}")
-        model = cls(cls.Config(**obj["config"]), torch.Generator().manual_seed(0))
-        model.load_state_dict(obj["state_dict"])
+        obj = cls.read(path)
+        if obj["method"] != cls.__name__:
+            raise ValueError(f"path: expected a saved {cls.__name__}, {path} holds {obj['method']!r}")
+        try:
+            model = cls(cls.Config(**obj["config"]), torch.Generator().manual_seed(0))
+            model.load_state_dict(obj["state_dict"])
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(f"path: {path} was saved by another version of this code, whose {cls.__name__} "
+                             f"format differs ({str(e).splitlines()[0]}); retrain, or load it with that "
+                             "version") from None
         model.saved_meta = obj.get("meta", {})  # what save(path, **meta) recorded
         return model.to(device)
 
@@ -732,6 +684,7 @@ class LDVIMeta(SaveLoad, nn.Module):
     def __init__(self, cfg: LDVIConfig, gen: torch.Generator):
         super().__init__()
         _require(isinstance(cfg, LDVIConfig), "cfg", "an LDVIConfig", cfg)
+        check_generator(gen)
         self.cfg = cfg
         self.bnn = BNN(cfg.dx, cfg.dy, cfg.hidden)
         D, K, r = self.bnn.n_params, cfg.K, cfg.latent
@@ -837,7 +790,7 @@ class LDVIMeta(SaveLoad, nn.Module):
 
     def fit(self, data: Batch, gen: torch.Generator) -> list:
         """Meta-train (the interface shared with the baselines)."""
-        return meta_train(self, data, gen)
+        return meta_train(self, data, check_generator(gen, self.prior_mean))
 
     # --- sampling, bounds and prediction
     def sample(self, ctx: Batch, P: int, gen: torch.Generator):
@@ -845,7 +798,7 @@ class LDVIMeta(SaveLoad, nn.Module):
 
         Differentiable end to end in grad mode; call under torch.no_grad() to sample only."""
         ctx = self.check(ctx)
-        P = check_samples(P, "P")
+        P, gen = check_samples(P, "P"), check_generator(gen, self.prior_mean)
         return self._sample(ctx, P, gen)
 
     def _sample(self, ctx: Batch, P: int, gen: torch.Generator, weights: bool = True):
@@ -865,6 +818,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         a CPU core)."""
         ctx = self.check(ctx)
         x_target, S = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
+        check_generator(gen, self.prior_mean)
         with torch.no_grad():
             mean = torch.cat([self.bnn(self._sample(ctx, min(SAMPLE_BLOCK, S - s), gen, weights=False)[0], x_target)
                               for s in range(0, S, SAMPLE_BLOCK)], 1)                # [T, S, M, dy]
@@ -958,6 +912,9 @@ def cosine_lr(it: int, iters: int, lr: float, lr_final: float) -> float:
 def check_training_data(data, dx: int, dy: int, like: torch.Tensor, min_points: int) -> Batch:
     """Meta-training tasks: a valid Batch with >= 1 task and >= max(1, min_points) points each."""
     data = check_compatible(data, dx, dy, like, "data")
+    if data.x.requires_grad or data.y.requires_grad:
+        raise ValueError("data: x or y requires grad; meta-training data must be constants (pass x.detach(), "
+                         "y.detach())")
     need = max(1, min_points)
     if data.x.shape[0] == 0 or (data.counts < need).any():
         raise ValueError(f"data: expected at least one task and >= {need} real points per task, got "

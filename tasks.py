@@ -47,6 +47,7 @@ import torch
 
 AMP, PHASE, SLOPE = (0.1, 5.0), (0.0, math.pi), 3.0   # sinusoid amplitude / phase ranges, line a, b ~ U[-3, 3]
 LOG_2PI = math.log(2 * math.pi)
+MIN_ESS = 30.0  # fewer effective importance draws than this: the exact rows would be noise, so they fail
 
 
 # -----------------------------------------------------------------------------
@@ -75,8 +76,11 @@ def make_tasks(family, T: int, N: int, noise: float, gen: torch.Generator):
 
     Raises ValueError, naming the family, unless it is callable and its f returns a finite
     [T, N, 1] tensor of the inputs' dtype."""
-    from ldvi_meta import make_batch
+    from ldvi_meta import check_generator, make_batch
     name = getattr(family, "__name__", repr(family))
+    check_generator(gen)
+    if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and math.isfinite(noise) and noise > 0):
+        raise ValueError(f"noise: expected a finite number > 0, got {noise!r}")
     if not callable(family):
         raise ValueError(f"task family {name}: expected a function family(T, gen) -> f, got {type(family).__name__}")
     f = family(T, gen)
@@ -180,6 +184,11 @@ def posterior(x, y, mask, x_target, noise: float, family: str, S: int, gen: torc
     log_w = torch.stack([math.log(weight) + lw for _, lw, weight, _ in pooled], 1)  # [T, F, draws]
     log_z = torch.logsumexp(log_w.flatten(1), -1) - math.log(draws)               # [T]
     prob = torch.softmax(log_w.flatten(1), -1).view_as(log_w)                     # [T, F, draws]
+    ess = 1 / prob.flatten(1).square().sum(-1)                                    # effective sample size [T]
+    if (~(ess >= MIN_ESS)).any():
+        raise ValueError(f"noise: {noise} is too small for the importance-sampled exact posterior (effective "
+                         f"sample size {ess.min().item():.1f} of {draws} draws, below {MIN_ESS}); use a larger "
+                         "noise or more draws")
     feats = [fam.features(x_target.double()) for *_, fam in pooled]               # [T, M, 2] each
     ws = [w for w, *_ in pooled]                                                  # [T, draws, 2] each
     # f is linear in w within a family: the mean is Phi_F times the weighted sum of w
@@ -208,6 +217,9 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
     points outside the context; measured on sinusoid test tasks, the two differ by up to
     0.7 nats per task at noise 0.25 but by 15 at noise 0.1 with n = 16."""
     _require_family(family)
+    if any(n < 0 or n > int(test.counts.min()) for n in contexts):
+        raise ValueError(f"contexts: expected sizes in [0, {int(test.counts.min())}] (the fewest points of a test "
+                         f"task), got {list(contexts)}")
     out = {n: dict(exact=[], exact_mse=[], draws=[], draws_mse=[]) for n in contexts}
     for a in range(0, test.x.shape[0], chunk):
         x, y, mask = test.x[a:a + chunk].cpu(), test.y[a:a + chunk].cpu(), test.mask[a:a + chunk].cpu()

@@ -46,8 +46,10 @@ def quick_run(tmp_path_factory):
                           capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = open(committed, "rb").read() if os.path.exists(committed) else None
-    result = json.loads((tmp / "ldvi_meta_quick" / "sinusoid.json").read_text())
-    result["report"] = (tmp / "ldvi_meta_quick" / "sinusoid.md").read_text().strip()
+    folder, = tmp.glob("ldvi_meta_quick_*")  # a fresh folder of its own
+    result = json.loads((folder / "sinusoid.json").read_text())
+    result["report"] = (folder / "sinusoid.md").read_text().strip()
+    assert "smoke run" in proc.stderr and f"wrote {folder / 'sinusoid.json'}" in proc.stderr
     return proc.stdout, result, before == after
 
 
@@ -197,10 +199,11 @@ def test_plot_format_follows_the_extension(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["sinusoid", "linesine"])
 @pytest.mark.parametrize("noise", [0.05, 0.1, 0.25, 0.5])
-def test_every_method_trains_at_every_reasonable_noise_level(family, noise):
+def test_every_method_trains_at_every_reasonable_noise_level(family, noise, tmp_path):
     """The benchmark's own configurations (smaller batches to keep the suite fast), a few dozen
     iterations on data with this noise: finite losses and finite predictions for every method."""
-    args = bench.parse_args(["--task", family, "--noise", str(noise), "--iters", "30", "--out", os.devnull])
+    args = bench.parse_args(["--task", family, "--noise", str(noise), "--iters", "30", "--out",
+                             str(tmp_path / "unused.json")])
     g = torch.Generator().manual_seed(0)
     train, _, _ = bench.make_tasks(args.family, 32, 16, noise, g)
     test, _, _ = bench.make_tasks(args.family, 4, 32, noise, g)
@@ -227,3 +230,76 @@ def test_gold_rows_report_the_gaps_and_hmc_diagnostics(tmp_path, capsys):
     stats = result["per_seed"][0]["gold: LDVI-overdamped"]["convergence"]["2"]
     assert len(stats["accept"]) == len(stats["rhat_loglik"]) == 3 and all(0 <= a <= 1 for a in stats["accept"])
     assert "inference gap: ours - gold" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# tails and calibration: each against a case with a known answer
+
+def test_mixture_cdf_matches_a_loop_over_components():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 5, 7, 1, generator=g, dtype=torch.float64)          # [T, S, M, dy]
+    std = 0.2 + torch.rand(2, 5, 7, 1, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 7, 1, generator=g, dtype=torch.float64)
+    ref = torch.zeros(2, 7, 1, dtype=torch.float64)
+    for t in range(2):
+        for s in range(5):
+            for m in range(7):
+                z = (y[t, m, 0] - mean[t, s, m, 0]) / std[t, s, m, 0]
+                ref[t, m, 0] += 0.5 * (1 + math.erf(z.item() / math.sqrt(2))) / 5
+    assert torch.allclose(bench.mixture_cdf(mean, std, y), ref, atol=1e-12)
+
+
+def test_coverage_counts_at_known_quantiles():
+    """One N(0, 1) component; targets just inside / outside the central 50% and 90% intervals."""
+    q50, q90 = 0.6744897501960817, 1.6448536269514722
+    y = torch.tensor([[[0.0], [q50 - 1e-6], [-(q50 + 1e-6)], [q90 - 1e-6], [q90 + 1e-6]]], dtype=torch.float64)
+    target = bench.lm.make_batch(torch.zeros_like(y), y)
+    counts = bench.coverage_counts(torch.zeros(1, 1, 5, 1, dtype=torch.float64), 1.0, target, (0.5, 0.9, 0.99))
+    assert counts.tolist() == [[2, 4, 5]]  # 0 and q50-; then q50+ (outside 50%) and q90-; all inside 99%
+    masked = bench.lm.make_batch(torch.zeros_like(y), y, torch.tensor([[True, True, False, False, False]]))
+    assert bench.coverage_counts(torch.zeros(1, 1, 5, 1, dtype=torch.float64), 1.0, masked, (0.5,)).tolist() == [[2]]
+
+
+def test_calibration_error_of_a_calibrated_and_of_a_too_narrow_predictive():
+    g = torch.Generator().manual_seed(1)
+    T, M = 64, 2000
+    mean = torch.stack([torch.full((T, M, 1), -1.0), torch.full((T, M, 1), 2.0)], 1).double()  # [T, 2, M, 1]
+    pick = torch.randint(0, 2, (T, M, 1), generator=g)
+    y = torch.where(pick == 0, -1.0, 2.0).double() + 0.5 * torch.randn(T, M, 1, generator=g, dtype=torch.float64)
+    target = bench.lm.make_batch(torch.zeros_like(y), y)
+    points = target.counts
+    calibrated = bench.calibration_error(bench.coverage_counts(mean, 0.5, target), points)
+    assert calibrated < 0.005  # Monte Carlo error of a coverage over 128k points is about 0.0014
+    # one N(0, 1) predictive for N(0, 2^2) data: coverage at level a is 2 Phi(z_a / 2) - 1, z_a = Phi^-1((1 + a) / 2)
+    y = 2.0 * torch.randn(T, M, 1, generator=g, dtype=torch.float64)
+    target = bench.lm.make_batch(torch.zeros_like(y), y)
+    narrow = bench.calibration_error(bench.coverage_counts(torch.zeros(T, 1, M, 1, dtype=torch.float64), 1.0,
+                                                           target), points)
+    a = torch.tensor(bench.LEVELS, dtype=torch.float64)
+    exact = ((2 * torch.special.ndtr(torch.special.ndtri((1 + a) / 2) / 2) - 1) - a).abs().mean().item()
+    assert exact > 0.2 and abs(narrow - exact) < 0.005
+
+
+def test_summaries_tail_fraction_and_low_quantile():
+    lp = torch.tensor([-5.0, -30.0, -10.0, -100.0, -2.0, -8.0, -9.0, -7.0, -6.0, -4.0])
+    bayes = torch.full((10,), -6.0)                      # more than 20 below: -30 and -100
+    test = bench.lm.make_batch(torch.zeros(10, 3, 1), torch.zeros(10, 3, 1))
+    per_task = {1: dict(lmlhd=lp, mse=torch.ones(10), cover=torch.zeros(10, len(bench.LEVELS)))}
+    out = bench.summaries(per_task, test, {1: bayes})[1]
+    assert out["tail"] == pytest.approx(0.2)
+    assert out["lmlhd_q10"] == pytest.approx(-100.0 + 0.9 * 70.0)  # linear interpolation at 0.9 of sorted[0:2]
+    assert out["calibration"] == pytest.approx(sum(bench.LEVELS) / len(bench.LEVELS))  # nothing covered
+    assert out["lmlhd"] == pytest.approx(lp.median().item())
+    assert "tail" not in bench.summaries(per_task, test)[1]  # no Bayes-optimal score: no tail
+
+
+def test_evaluation_does_not_depend_on_the_number_of_workers():
+    g = torch.Generator().manual_seed(0)
+    test, _, _ = bench.make_tasks(bench.sinusoid, 5, 12, 0.25, g)
+    model = bench.lm.LDVIMeta(bench.lm.LDVIConfig(hidden=(8, 8), enc_hidden=16, enc_dim=8, K=2, latent=2,
+                                                  log_every=0), torch.Generator().manual_seed(1))
+    runs = [bench.evaluate(model, test, [0, 3], 40, torch.Generator().manual_seed(2), 2, progress=False,
+                           workers=w)[0] for w in (1, 2, 3)]
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][n][k], other[n][k]) for n in (0, 3) for k in ("lmlhd", "mse", "cover"))
+    assert runs[0][3]["cover"].shape == (5, len(bench.LEVELS))

