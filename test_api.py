@@ -85,6 +85,15 @@ CLI = [
     (["--chunk", "0"], "--chunk: expected an integer >= 1"),
     (["--test-points", "0"], "--test-points: expected an integer >= 1"),
     (["--meta-tasks", "0"], "--meta-tasks: expected an integer >= 1"),
+    (["--out", "{tmp}/report.md"], "--out: expected a file name ending in .json"),
+    (["--out", ""], "--out: expected a file name ending in .json"),
+    (["--out", "{tmp}/.json"], "--out: expected a file name ending in .json"),
+    (["--save-dir", "{tmp}/fam_cli.py"], "--save-dir: expected a folder"),
+    (["--save-dir", "/proc/no_such_place"], "--save-dir: cannot create the folder"),
+    (["--noise", "1e-30"], "noise: 1e-30 is too small for the importance-sampled exact posterior"),
+    (["--task", "tasks:sinusoid"], "is shadowed by the benchmark's own"),
+    (["--baseline", "{tmp}"], "--baseline: only with --speed"),
+    (["--speed", "--baseline", "{tmp}"], "--baseline: expected a checkout of this project"),
 ]
 
 
@@ -195,7 +204,44 @@ API = [
      "path: expected a saved NeuralProcess"),
     ("randn on the wrong device", lambda t: lm.randn((2, 3), gen(0), device="cuda"), ValueError,
      "gen: expected a generator on cuda"),
+    ("make_tasks negative noise", lambda t: tasks.make_tasks(tasks.sinusoid, 2, 4, -0.25, gen(0)), ValueError,
+     "noise: expected a finite number > 0, got -0.25"),
+    ("bayes_optimal n beyond the points", lambda t: tasks.bayes_optimal(data(2, 4), [0, 6], 0.25, "sinusoid", 4,
+                                                                         gen(0)), ValueError, "contexts: expected sizes"),
+    ("latent_hidden without latent", lambda t: lm.LDVIConfig(latent=0, latent_hidden=4), ValueError,
+     "latent_hidden: expected 0 when latent = 0"),
+    ("gen=0", lambda t: lm.LDVIMeta(lm.LDVIConfig(**SMALL), 0), ValueError, "gen: expected a torch.Generator"),
+    ("gen=None to sample", lambda t: models()["LDVI"].sample(data(), 4, None), ValueError,
+     "gen: expected a torch.Generator"),
+    ("gen=None to the NP", lambda t: models()["NP"].predictive(data(), data().x, 4, None), ValueError,
+     "gen: expected a torch.Generator"),
+    ("data that require grad", lambda t: models()["LDVI"].fit(lm.Batch(data().x.requires_grad_(), data().y,
+                                                                       data().mask), gen(0)), ValueError,
+     "data: x or y requires grad"),
+    ("truncated model file", lambda t: lm.LDVIMeta.load(truncated_model(t)), ValueError,
+     "is not a readable model file"),
+    ("model of an older format", lambda t: lm.LDVIMeta.load(old_format_model(t)), ValueError,
+     "was saved by another version of this code"),
 ]
+
+
+def truncated_model(tmp):
+    path = str(tmp / "m.pt")
+    models()["LDVI"].save(path)
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[:len(blob) // 2])
+    return path
+
+
+def old_format_model(tmp):
+    """A file as an earlier version wrote it: no task-latent basis in the weights."""
+    path = str(tmp / "m.pt")
+    model = models()["LDVI"]
+    model.save(path)
+    obj = torch.load(path, weights_only=True)
+    del obj["state_dict"]["basis"]
+    torch.save(obj, path)
+    return path
 
 
 @pytest.mark.parametrize("what, call, exc, message", API, ids=[a[0] for a in API])
@@ -229,3 +275,12 @@ def test_save_load_round_trip_gives_bitwise_identical_predictions(name, tmp_path
     c, sc = loaded.predictive(ctx, b.x, 5, gen(2))
     assert torch.equal(a, c) and torch.equal(torch.as_tensor(sa), torch.as_tensor(sc))
     assert os.listdir(tmp_path) == ["m.pt"]  # no temporary file left behind
+
+
+def test_a_config_holding_numpy_integers_saves_and_loads(tmp_path):
+    import numpy as np
+    model = lm.LDVIMeta(lm.LDVIConfig(K=np.int64(2), latent=np.int64(2), hidden=(np.int64(8), 8), log_every=0), gen(0))
+    path = str(tmp_path / "m.pt")
+    model.save(path, train_s=np.float32(1.5))
+    loaded = lm.LDVIMeta.load(path)
+    assert loaded.cfg.K == 2 and type(loaded.cfg.K) is int and loaded.saved_meta == {"train_s": 1.5}

@@ -303,3 +303,45 @@ def test_evaluation_does_not_depend_on_the_number_of_workers():
     for other in runs[1:]:
         assert all(torch.equal(runs[0][n][k], other[n][k]) for n in (0, 3) for k in ("lmlhd", "mse", "cover"))
     assert runs[0][3]["cover"].shape == (5, len(bench.LEVELS))
+
+
+# -----------------------------------------------------------------------------
+# saved models, resumed runs, --speed and --quick: refused or reported, never silent
+
+def test_load_dir_refuses_models_trained_with_other_flags(tmp_path, capsys):
+    out = str(tmp_path / "r.json")
+    args = bench.parse_args(["--quick", "--methods", "LDVI-K0", "--out", out])
+    cls, cfg = bench.method_configs(args)["LDVI-K0"]
+    cls(cfg, torch.Generator().manual_seed(0)).save(str(tmp_path / "sinusoid_seed0_LDVI-K0.pt"))
+    ok = bench.parse_args(["--quick", "--methods", "LDVI-K0", "--load-dir", str(tmp_path), "--out", out])
+    assert ok.load_dir == str(tmp_path)
+    for extra, message in ((["--latent", "4"], "trained with latent = 8, but --latent gives latent = 4"),
+                           (["--noise", "0.5"], "trained with sigma_y = 0.25, but --noise gives sigma_y = 0.5"),
+                           (["--seeds", "2"], "no saved model for LDVI-K0 (seed 1)")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--quick", "--methods", "LDVI-K0", "--load-dir", str(tmp_path), "--out", out] + extra)
+        assert message in capsys.readouterr().err
+
+
+def test_resume_from_a_truncated_results_file_says_so(tmp_path, capsys):
+    (tmp_path / "r.partial.json").write_text('{"config": {"task": "sinu')
+    code = bench.main(["--quick", "--quiet", "--methods", "NP", "--resume", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a readable results file" in err and "r.partial.json" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_speed_runs_with_several_tasks_per_chunk(tmp_path):
+    out = tmp_path / "s.json"
+    assert bench.main(["--speed", "--quick", "--methods", "LDVI-K0,NP", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["setting"]["chunk"] > 1 and result["setting"]["task"] == "sinusoid"
+    for name in ("LDVI-K0", "NP"):
+        assert result["methods"][name]["eval_ms_per_task"] > 0 and result["methods"][name]["train_ms_per_iter"] > 0
+    assert result["methods"]["LDVI-K0"]["train_matmul_gflop_per_iter"] > 0
+
+
+def test_quick_caps_every_size_and_says_what_it_changed(tmp_path):
+    args = bench.parse_args(["--quick", "--iters", "500", "--samples", "4", "--out", str(tmp_path / "r.json")])
+    assert set(args.iters.values()) == {15} and args.samples == 4
+    assert "--iters 500 -> 15" in args.quick_changes and not any("--samples" in c for c in args.quick_changes)
