@@ -205,8 +205,14 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
     """Rows for one seed. `done` holds rows already finished (--resume); save_partial(rows) is
     called after every method so that finished numbers survive a later failure."""
     g = lambda k: torch.Generator(device=device).manual_seed(1000 * seed + k)  # noqa: E731
+    t0 = time.perf_counter()
+    if args.task not in TASKS:  # a user family may be slow: say what is happening
+        print(f"[bench] seed {seed}: drawing {args.meta_tasks} meta-training and {args.test_tasks} test tasks from "
+              f"{args.task}", file=sys.stderr, flush=True)
     train, _, _ = make_tasks(args.family, args.meta_tasks, args.points, args.noise, g(1))
     test, clean, f_true = make_tasks(args.family, args.test_tasks, args.test_points, args.noise, g(2))
+    if args.task not in TASKS:
+        print(f"[bench] seed {seed}: tasks drawn in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     rows, models, per_task = dict(done), {}, {}
     if "oracle" not in rows:
         ora_lp, ora_mse = oracle_scores(test, clean, args.noise)
@@ -272,11 +278,12 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             print(f"[bench] seed {seed}: {name} FAILED: {msg}", file=sys.stderr, flush=True)
             rows[name] = dict(status="failed", error=msg)
         save_partial(rows)
+    golds = {}
     if args.gold:
-        gold_rows(args, rows, models, per_task, test, g(8), seed)
+        golds = gold_rows(args, rows, models, per_task, test, g(8), seed)
         save_partial(rows)
     if args.plot and seed == args.seed and models:
-        plot(args.plot, models, test, f_true, args, g(6))
+        plot(args.plot, {**models, **golds}, test, f_true, args, g(6))  # HMC rows below ours with --gold
         args.written.append(args.plot)
         if any(isinstance(m, lm.LDVIMeta) for m in models.values()):
             stem, ext = os.path.splitext(args.plot)
@@ -285,10 +292,12 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
     return rows
 
 
-def gold_rows(args, rows, models, per_task, test, gen, seed):
-    """For each trained LDVI model: a gold row on the first N test tasks and the inference gap."""
+def gold_rows(args, rows, models, per_task, test, gen, seed) -> dict:
+    """For each trained LDVI model: a gold row on the first N test tasks and the inference gap.
+    Returns the gold predictives, {"HMC gold: <name>": Gold}, for the figures."""
     sub = lm.Batch(test.x[:args.gold], test.y[:args.gold], test.mask[:args.gold])
     contexts = [n for n in args.contexts if n >= 1]
+    golds = {}
     for name, model in models.items():
         if not isinstance(model, lm.LDVIMeta):
             continue
@@ -310,6 +319,8 @@ def gold_rows(args, rows, models, per_task, test, gen, seed):
             ours_on_gold_tasks={n: ours[n].median().item() for n in contexts},
             rhat_median={n: torch.tensor(gold.stats[n]["rhat_loglik"]).median().item() for n in contexts},
             accept_median={n: torch.tensor(gold.stats[n]["accept"]).median().item() for n in contexts})
+        golds[f"HMC gold: {name}"] = gold
+    return golds
 
 
 # -----------------------------------------------------------------------------

@@ -221,7 +221,8 @@ def test_every_method_trains_at_every_reasonable_noise_level(family, noise, tmp_
 def test_gold_rows_report_the_gaps_and_hmc_diagnostics(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert bench.main(["--quick", "--quiet", "--gold", "3", "--methods", "LDVI-overdamped,MAML", "--contexts", "0,2,4",
-                       "--out", str(out)]) == 0
+                       "--out", str(out), "--plot", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "g_prior.png").exists()  # HMC rows in the figure
     result = json.loads(out.read_text())
     gold = result["results"]["gold: LDVI-overdamped"]
     assert set(gold["inference_gap"]) == {"2", "4"} and "gold: MAML" not in result["results"]  # n >= 1, LDVI only
