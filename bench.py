@@ -720,7 +720,11 @@ def check_writable_folder(flag: str, folder: str, create: bool = False) -> None:
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's line breaks and shows every default."""
+    """--help keeps the description's line breaks and shows every default (the help text of a
+    flag whose default is computed says it in words)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
