@@ -523,7 +523,7 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, noise, kern
     _require(noise.shape == (noise_count(kernel, K), T, P, D), "noise",
              f"a tensor of shape [noise_count(kernel, K), T, P, D] = {[noise_count(kernel, K), T, P, D]}",
              tuple(noise.shape))
-    if K and not torch.compiler.is_compiling():  # one check per call, not per step (none while compiling)
+    if K:  # one check per call, not per step
         h_ok = (steps > 0).all() if kernel == "overdamped" else (steps >= 0).all()
         _require(bool(h_ok & torch.isfinite(steps).all()), "steps",
                  "finite step sizes, > 0 (overdamped) or >= 0 (underdamped)", steps.tolist())
