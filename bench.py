@@ -159,25 +159,25 @@ def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chun
         return lm.log_predictive(mean, std, part), lm.mse(mean, part), coverage_counts(mean, std, part)
 
     out, t0, threads = {}, time.perf_counter(), torch.get_num_threads()
-    done = []
+    done, pool = [], ThreadPoolExecutor(workers)
     try:
         if cpu:  # one intra-op thread per job whatever the pool size: the same numbers for any `workers`
             torch.set_num_threads(1)
-        with ThreadPoolExecutor(workers) as pool:
-            for i, res in enumerate(pool.map(job, range(len(jobs)))):
-                done.append(res)
-                if (i + 1) % len(parts):
-                    continue
-                n = jobs[i][0]
-                lp, err, cover = (torch.cat(t) for t in zip(*done[-len(parts):]))
-                if not (torch.isfinite(lp).all() and torch.isfinite(err).all()):
-                    raise FloatingPointError(f"{name}: non-finite predictive scores at context size {n}")
-                out[n] = dict(lmlhd=lp, mse=err, cover=cover)
-                el, k = time.perf_counter() - t0, len(out)
-                if progress:
-                    print(f"[bench] {name}: evaluated n = {n} ({k}/{len(contexts)}), {el:.0f}s, "
-                          f"eta {el / k * (len(contexts) - k):.0f}s", file=sys.stderr, flush=True)
-    finally:
+        for i, res in enumerate(pool.map(job, range(len(jobs)))):
+            done.append(res)
+            if (i + 1) % len(parts):
+                continue
+            n = jobs[i][0]
+            lp, err, cover = (torch.cat(t) for t in zip(*done[-len(parts):]))
+            if not (torch.isfinite(lp).all() and torch.isfinite(err).all()):
+                raise FloatingPointError(f"{name}: non-finite predictive scores at context size {n}")
+            out[n] = dict(lmlhd=lp, mse=err, cover=cover)
+            el, k = time.perf_counter() - t0, len(out)
+            if progress:
+                print(f"[bench] {name}: evaluated n = {n} ({k}/{len(contexts)}), {el:.0f}s, "
+                      f"eta {el / k * (len(contexts) - k):.0f}s", file=sys.stderr, flush=True)
+    finally:  # a failure (or Ctrl-C) drops the jobs not yet started instead of running them all first
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
     return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * test.x.shape[0])
 
