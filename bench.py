@@ -765,6 +765,9 @@ def parse_args(argv=None):
                    help="with --speed: a checkout of an older version of this project; its ldvi_meta.py is timed "
                         "against today's in the same process")
     p.add_argument("--quiet", action="store_true", help="no training progress on stderr")
+    p.add_argument("--headline", default=None,
+                   help="only draw the headline figure (LMLHD against n) into this file from the results JSON "
+                        "of the built-in families in results/, then exit")
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -926,7 +929,31 @@ def fast_allocator() -> None:
             pass
 
 
+def headline(path: str, folder: str = RESULTS) -> int:
+    """--headline: the figure from results/<family>.json of every built-in family present."""
+    found = {f: os.path.join(folder, f"{f}.json") for f in TASKS}
+    results = {}
+    for family, file in found.items():
+        if os.path.exists(file):
+            with open(file) as fh:
+                results[family] = json.load(fh)
+    if not results:
+        print(f"bench.py: error: --headline: no results in {folder} ({', '.join(found.values())})", file=sys.stderr)
+        return 2
+    plot_headline(path, results)
+    print(f"[bench] wrote {path} (from {', '.join(found[f] for f in results)})", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--headline" in argv:  # a figure from finished runs: nothing else runs
+        i = argv.index("--headline")
+        if i + 1 >= len(argv) or len(argv) != 2:
+            print("bench.py: error: --headline: expected exactly --headline FILE (no other flags)", file=sys.stderr)
+            return 2
+        return headline(argv[i + 1])
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else lm.default_device()  # chosen once, here
     fast_allocator()

@@ -346,3 +346,12 @@ def test_quick_caps_every_size_and_says_what_it_changed(tmp_path):
     args = bench.parse_args(["--quick", "--iters", "500", "--samples", "4", "--out", str(tmp_path / "r.json")])
     assert set(args.iters.values()) == {15} and args.samples == 4
     assert "--iters 500 -> 15" in args.quick_changes and not any("--samples" in c for c in args.quick_changes)
+
+
+def test_headline_figure_from_results(quick_run, tmp_path, monkeypatch):
+    _, result, _ = quick_run
+    (tmp_path / "sinusoid.json").write_text(json.dumps(result))
+    bench.plot_headline(str(tmp_path / "h.png"), {"sinusoid": result})
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert bench.headline(str(tmp_path / "h2.png"), str(tmp_path)) == 0 and (tmp_path / "h2.png").exists()
+    assert bench.headline(str(tmp_path / "h3.png"), str(tmp_path / "nothing")) == 2
