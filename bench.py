@@ -513,12 +513,14 @@ def plot_headline(path: str, results: dict) -> None:
         ax.set_yscale("symlog", linthresh=20)
         ax.set_xlabel("context size n (points seen)")
         ax.set_ylabel("LMLHD per task (median over 256 test tasks)")
-        ax.set_title(f"{family}: {seeds} seed{'s' if seeds > 1 else ''} (mean ± std over seeds); higher is better",
-                     fontsize=10)
+        ax.set_title(f"{family}: " + (f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed") +
+                     "; higher is better", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("Log marginal predictive likelihood of 64 target points against the context size", fontsize=11)
-    save_figure(fig, path)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, path, tight=False)
 
 
 # -----------------------------------------------------------------------------
