@@ -69,7 +69,9 @@ def _fit(method, data: Batch, gen: torch.Generator, name: str) -> list:
     def loss(it):
         batch = task_minibatch(data, cfg.tasks_per_batch, gen)
         return method.loss(random_subset(batch, gen, cfg.min_context), batch, gen)
-    return train_loop(method.parameters(), loss, cfg.iters, cfg.lr, cfg.clip, cfg.log_every, name, cfg.lr_final)
+    method.skipped_updates = []  # iterations whose update train_loop skipped (non-finite gradient)
+    return train_loop(method.parameters(), loss, cfg.iters, cfg.lr, cfg.clip, cfg.log_every, name, cfg.lr_final,
+                      method.skipped_updates)
 
 
 @dataclass

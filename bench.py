@@ -271,7 +271,7 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name, not args.quiet)
             rows[name] = dict(status="ok", scores=summaries(scores, test, per_task.get("Bayes-optimal")),
                               train_s=train_s, ms_per_task=ms, params=n_params(model), config=asdict(model.cfg),
-                              loaded_from=src)
+                              loaded_from=src, skipped_updates=getattr(model, "skipped_updates", None))
             models[name], per_task[name] = model, {n: d["lmlhd"] for n, d in scores.items()}
         except Exception as e:  # noqa: BLE001 -- any failure of one method becomes its row
             msg = f"{type(e).__name__}: {e}"
@@ -974,7 +974,7 @@ def main(argv=None) -> int:
     config = run_config(args, device)
     partial = os.path.splitext(args.out)[0] + ".partial.json"
     seeds = list(range(args.seed, args.seed + args.seeds))
-    done, wall_before = {}, 0.0  # rows and wall time of the interrupted run that --resume continues
+    done, wall_before, seed_wall = {}, 0.0, {}  # rows, wall time (total, per seed) of the run --resume continues
     if args.resume:
         for path in (partial, args.out):
             if os.path.exists(path):
@@ -990,20 +990,22 @@ def main(argv=None) -> int:
                     done = {int(s): {name: _int_keys(row) for name, row in rows.items()}
                             for s, rows in zip(old["config"]["seeds"], old["per_seed"])}
                     wall_before = old.get("wall_s_so_far", old["config"].get("wall_s", 0.0))
+                    seed_wall.update({int(k): v for k, v in old["config"].get("seed_wall_s", {}).items()})
                     print(f"[bench] --resume: reusing finished rows from {path}", file=sys.stderr)
                     break
                 print(f"[bench] --resume: {path} has another configuration; starting afresh", file=sys.stderr)
-    per_seed, seed_wall = [], {}
+    per_seed = []
 
     def save_partial(rows):
-        write_json_atomic(partial, dict(config={**config, "seeds": seeds[:len(per_seed) + 1]}, complete=False,
+        write_json_atomic(partial, dict(config={**config, "seeds": seeds[:len(per_seed) + 1], "seed_wall_s": seed_wall},
+                                        complete=False,
                                         wall_s_so_far=wall_before + time.perf_counter() - t0,
                                         per_seed=per_seed + [rows]))
     try:
         for s in seeds:
             t_seed = time.perf_counter()
             per_seed.append(run_seed(args, s, device, done.get(s, {}), save_partial))
-            seed_wall[s] = time.perf_counter() - t_seed
+            seed_wall[s] = seed_wall.get(s, 0.0) + time.perf_counter() - t_seed  # resumed: added up
             print(f"[bench] seed {s} done in {seed_wall[s]:.0f} s", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print(f"\n[bench] interrupted: {args.out} is unchanged; finished methods are in {partial} "
@@ -1012,7 +1014,7 @@ def main(argv=None) -> int:
     agg = aggregate(per_seed)
     config.update(seeds=seeds, chunk=args.chunk, torch=torch.__version__,
                   wall_s=wall_before + time.perf_counter() - t0,  # over all runs of a resumed benchmark
-                  seed_wall_s=seed_wall,                          # this run's wall time per seed (reused rows: ~0)
+                  seed_wall_s=seed_wall,                          # per seed, added up over resumed runs
                   machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     lines = ["## Configuration", ""] + [f"- {k}: {v}" for k, v in config.items() if k != "methods"]
     lines += [f"- {name} ({DESCRIPTION.get(name, 'baseline')}): " + ", ".join(f"{k}={v}" for k, v in cfg.items())

@@ -874,15 +874,18 @@ def mse(mean, target: Batch) -> torch.Tensor:
 # meta-training
 
 def train_loop(params, loss_fn: Callable[[int], torch.Tensor], iters: int, lr: float, clip: float,
-               log_every: int = 100, name: str = "train", lr_final: float = 1.0) -> list:
+               log_every: int = 100, name: str = "train", lr_final: float = 1.0, skipped: list | None = None) -> list:
     """Adam on loss_fn(iteration) with gradient-norm clipping and an optional cosine decay of the
     learning rate to lr * lr_final; returns the loss history.
 
-    Raises FloatingPointError naming the method and the iteration when a loss or gradient
-    turns NaN/inf; prints a one-line progress report on stderr every log_every iterations."""
+    A step whose loss is finite but whose gradient norm is not (an overflow in one minibatch)
+    is skipped, reported on stderr and appended to `skipped`, up to max(10, iters // 100)
+    times. Raises FloatingPointError naming the method and the iteration when the loss turns
+    NaN/inf, or when more gradients than that do; prints a one-line progress report on
+    stderr every log_every iterations."""
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    history, t0 = [], time.perf_counter()
+    history, t0, skipped, allowed = [], time.perf_counter(), [] if skipped is None else skipped, max(10, iters // 100)
     for it in range(iters):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(it, iters, lr, lr_final)
@@ -893,8 +896,15 @@ def train_loop(params, loss_fn: Callable[[int], torch.Tensor], iters: int, lr: f
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         if not torch.isfinite(gnorm):
-            raise FloatingPointError(f"{name}: gradient norm is {gnorm.item()} at iteration {it}")
-        opt.step()
+            skipped.append(it)
+            if len(skipped) > allowed:
+                raise FloatingPointError(f"{name}: gradient norm is {gnorm.item()} at iteration {it}, non-finite "
+                                         f"{len(skipped)} times (at most {allowed} updates are skipped)")
+            print(f"[{name}] iteration {it}: gradient norm {gnorm.item()}, update skipped ({len(skipped)} so far)",
+                  file=sys.stderr, flush=True)
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
         history.append(loss.detach())
         if log_every and ((it + 1) % log_every == 0 or it + 1 == iters):
             el = time.perf_counter() - t0
@@ -933,7 +943,8 @@ def meta_train(model: LDVIMeta, data: Batch, gen: torch.Generator, iters: int | 
     cfg = model.cfg
     data = check_training_data(data, cfg.dx, cfg.dy, model.prior_mean, cfg.min_context)
     iters = cfg.iters if iters is None else iters
+    model.skipped_updates = []  # iterations whose update train_loop skipped (non-finite gradient)
     return train_loop(model.parameters(),
                       lambda it: model.loss(task_minibatch(data, cfg.tasks_per_batch, gen), gen),
                       iters, cfg.lr, cfg.clip, cfg.log_every, f"ldvi-{cfg.kernel}-K{cfg.K}-r{cfg.latent}",
-                      cfg.lr_final)
+                      cfg.lr_final, model.skipped_updates)

@@ -481,6 +481,18 @@ def test_nan_during_training_is_reported_with_the_iteration():
         lm.train_loop([w], lambda it: (w * (float("nan") if it == 3 else 1.0)).sum(), 10, 0.1, 1.0, 0)
 
 
+def test_a_non_finite_gradient_skips_the_update_and_too_many_are_an_error():
+    """sqrt at 0: a finite loss with an infinite gradient."""
+    w = torch.nn.Parameter(torch.ones(1))
+    loss = lambda it, bad=(2, 5): ((w - w.detach()).sqrt().sum() if it in bad else 0) + (w - 3).square().sum()  # noqa: E731
+    skipped = []
+    history = lm.train_loop([w], loss, 20, 0.1, 1.0, 0, skipped=skipped)
+    assert skipped == [2, 5] and len(history) == 20 and torch.isfinite(w).all() and w.item() > 1
+    always = lambda it: (w - w.detach()).sqrt().sum() + w.sum()  # noqa: E731
+    with pytest.raises(FloatingPointError, match="non-finite 11 times"):
+        lm.train_loop([w], always, 20, 0.1, 1.0, 0)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(K=-1), "K"), (dict(kernel="leapfrog"), "kernel"), (dict(step_init=0.0), "step_init"),
     (dict(refresh_init=1.0), "refresh_init"), (dict(particles=0), "particles"), (dict(lr=float("nan")), "lr"),
