@@ -30,6 +30,12 @@ def schedule(K, g, h_scale=1.0, zero_steps=False):
     return steps, refresh, betas
 
 
+def random_q0(T, P, D, g):
+    """A random q0 (m, log_s [T, D]) and its standard-normal draws u0 [T, P, D], float64."""
+    m, log_s = torch.randn(T, D, generator=g, dtype=F64), 0.3 * torch.randn(T, D, generator=g, dtype=F64)
+    return m, log_s, torch.randn(T, P, D, generator=g, dtype=F64)
+
+
 def noise(kernel, K, shape, g):
     """The diffusion's per-step draws, [noise_count, T, P, D] in float64."""
     return torch.randn((lm.noise_count(kernel, K), *shape), generator=g, dtype=F64)
@@ -76,8 +82,7 @@ def test_unweighted_chain_has_the_same_positions(kernel, K, seed, tamed):
     """weights=False (prediction) skips the weight and the last target evaluation, nothing else."""
     g = gen(seed)
     T, P, D = 2, 3, 4
-    m, log_s = torch.randn(T, D, generator=g, dtype=F64), 0.3 * torch.randn(T, D, generator=g, dtype=F64)
-    u0 = torch.randn(T, P, D, generator=g, dtype=F64)
+    m, log_s, u0 = random_q0(T, P, D, g)
     steps, refresh, betas = schedule(K, g)
     eps = noise(kernel, K, u0.shape, g)
     calls = []
@@ -110,8 +115,7 @@ def banana(th):
 def test_reduction_to_mean_field(kernel, K, seed, tamed):
     g = gen(seed)
     T, P, D = 2, 4, 3
-    m, log_s = torch.randn(T, D, generator=g, dtype=F64), 0.3 * torch.randn(T, D, generator=g, dtype=F64)
-    u0 = torch.randn(T, P, D, generator=g, dtype=F64)
+    m, log_s, u0 = random_q0(T, P, D, g)
     if kernel == "overdamped":
         K = 0  # the overdamped kernel reduces at K = 0 only
     steps, refresh, betas = schedule(K, g, zero_steps=True)  # h = 0: underdamped stays put at any K
