@@ -2,11 +2,12 @@
 The benchmark table: amortized LDVI against MAML, BMAML and the Neural Process, measured
 against the Bayes-optimal predictive and, optionally, an HMC gold standard.
 
-    python bench.py --task sinusoid            # the default run (about 30 min on 2 CPU cores)
+    python bench.py --task sinusoid            # the default run (about 18 min on 2 CPU cores)
     python bench.py --task linesine --plot results/linesine.png
     python bench.py --methods LDVI-overdamped,NP --gold 16
     python bench.py --task sinusoid --quick    # smoke run, under a minute; never writes into results/
-    python bench.py --speed                    # throughput and scaling of every method
+    python bench.py --speed --baseline OLD     # training and evaluation speed, against an older checkout
+    python bench.py --headline results/headline.png   # the headline figure from the committed results
 
 Protocol (after Volpp et al., ICLR 2023 [1]): x ~ U[-5, 5], Gaussian noise std 0.25; 64
 meta-training tasks x 16 points; 256 test tasks x 64 points; the context is the first n
