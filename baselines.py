@@ -4,6 +4,8 @@ Baselines for amortized LDVI, on the same padded task batches and the same funct
   MAML   point estimate adapted by inner SGD on the context [1]
   BMAML  M SVGD particles per task, meta-trained with the chaser loss [2, 3]
   NP     latent neural process with mean aggregation [4]
+  GaussianModel  meta-learned Gaussian models with exact inference: Bayesian linear regression
+         on learned features (ALPaCA [6], kernel="linear") and a deep-kernel GP [7, 8] (kernel="rbf")
 
 Every method shares this part of ldvi_meta.LDVIMeta's interface, so the benchmark treats
 all alike:
@@ -11,7 +13,7 @@ all alike:
   predictive(ctx, x_target, S, gen)      -> (mean [T, S', M, dy], std broadcastable to it),
                                             an equal-weight mixture of S' Gaussians per point
   save(path), cls.load(path)             one file with the config and the weights
-S' = S for the NP; MAML predicts with its one adapted network (S' = 1) and BMAML with its
+S' = S for the NP and the Gaussian models (S joint draws of f at the targets); MAML predicts with its one adapted network (S' = 1) and BMAML with its
 M particles (S' = M), whatever S. sample, elbo and iw_bound exist for ours only.
 Empty context sets work for every method (MAML: no adaptation; BMAML: the initial
 particles; NP: the learned empty-set representation).
@@ -26,6 +28,15 @@ References
   [4] M. Garnelo, J. Schwarz, D. Rosenbaum, F. Viola, D. Rezende, S. M. A. Eslami,
       Y. W. Teh. Neural processes. ICML 2018 workshop, arXiv:1807.01622.
   [5] S. Amari. Natural gradient works efficiently in learning. Neural Computation, 1998.
+  [6] J. Harrison, A. Sharma, M. Pavone. Meta-learning priors for efficient online Bayesian
+      regression. WAFR 2018 (ALPaCA).
+  [7] M. Patacchiola, J. Turner, E. Crowley, M. O'Boyle, A. Storkey. Bayesian meta-learning for
+      the few-shot setting via deep kernels. NeurIPS 2020 (deep kernel transfer).
+  [8] V. Fortuin, H. Strathmann, G. Raetsch. Meta-learning mean functions for Gaussian
+      processes. arXiv:1901.08098, 2019; J. Rothfuss, V. Fortuin, M. Josifoski, A. Krause.
+      PACOH: Bayes-optimal meta-learning with PAC-guarantees. ICML 2021.
+  [9] C. Rasmussen, C. Williams. Gaussian processes for machine learning. MIT Press, 2006
+      (Algorithm 2.1: the evidence and predictive through one Cholesky factor).
 """
 from __future__ import annotations
 
@@ -36,10 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, SAMPLE_BLOCK, WIDTHS, BOOL, BNN, Batch, SaveLoad, SetEncoder,
-                       _is_real, _require, _require_fields, check_compatible, check_generator, check_inputs,
-                       check_samples,
-                       check_training_data, finite, gaussian_loglik, mlp, random_subset, task_minibatch, train_loop)
+from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, SAMPLE_BLOCK, WIDTHS, BOOL, BNN, LOG_2PI, Batch, SaveLoad,
+                       SetEncoder, _is_real, _require, _require_fields, check_compatible, check_generator, check_inputs,
+                       check_samples, check_training_data, finite, gaussian_log_evidence, gaussian_loglik, make_batch,
+                       mlp, noisy_gram, randn, random_subset, safe_cholesky, task_minibatch, train_loop)
 
 
 @dataclass
@@ -336,3 +347,193 @@ class NeuralProcess(SaveLoad, nn.Module):
             mean, std = (torch.cat(parts, 1) for parts in zip(*(self.decode(z[:, s:s + SAMPLE_BLOCK], x_target)
                                                                  for s in range(0, S, SAMPLE_BLOCK))))
             return finite(mean, "NP predictive"), finite(std, "NP predictive std")
+
+
+# -----------------------------------------------------------------------------
+# meta-learned Gaussian models: exact evidence, exact posterior, no sampler [6, 7, 8]
+#
+# Per task, y(x) = m(x) + f(x) + N(0, sigma_y^2) with f ~ GP(0, k) and, shared by all tasks,
+# an MLP mean m and an MLP feature map phi:
+#   linear (ALPaCA [6]):  k(x, x') = phi(x)^T Sigma phi(x'),  i.e. f(x) = phi(x)^T w, w ~ N(0, Sigma)
+#   rbf (deep kernel [7]): k(x, x') = s^2 exp(-|phi(x) - phi(x')|^2 / 2)
+# Meta-training maximizes the exact log evidence of whole meta-training tasks; prediction
+# conditions the GP on the context exactly. All linear algebra is float64.
+
+GP_KERNELS = ("linear", "rbf")
+
+
+@dataclass
+class GaussianConfig:
+    """The defaults are the benchmark's settings (chosen on validation tasks: results/README.md).
+    Set sigma_y to your data's noise level."""
+    dx: int = 1                       # input dimension
+    dy: int = 1                       # output dimension (outputs are independent given the shared kernel)
+    kernel: str = "linear"            # "linear": Bayesian linear regression on phi (ALPaCA); "rbf": deep-kernel GP
+    features: int = 4                 # d, the number of learned features phi(x)
+    width: int = 40                   # hidden width of the feature and the mean MLP (ReLU)
+    depth: int = 2                    # hidden layers of the feature and the mean MLP
+    sigma_y: float = 0.25             # observation noise std: SET IT to your data's (initial value when learned)
+    learn_sigma_y: bool = False       # meta-learn sigma_y on the evidence
+    jitter: float = 1e-6              # x mean diagonal, added before factoring a posterior covariance of draws
+    iters: int = 10000                # meta-training iterations (Adam steps)
+    lr: float = 1e-3                  # Adam learning rate
+    lr_final: float = 1.0             # cosine decay of the learning rate to lr * lr_final (1: constant)
+    tasks_per_batch: int = 16         # tasks per meta-training minibatch
+    clip: float = 10.0                # gradient-norm clipping threshold
+    log_every: int = 1000             # progress line on stderr every this many iterations (0: never)
+
+    def __post_init__(self):
+        _require(self.kernel in GP_KERNELS, "kernel", f"one of {GP_KERNELS}", self.kernel)
+        _require_fields(self, ("dx", "dy", "features", "width", "tasks_per_batch"), *INT_GE1)
+        _require_fields(self, ("depth", "iters", "log_every"), *INT_GE0)
+        _require_fields(self, ("sigma_y", "jitter", "lr", "clip"), *POSITIVE)
+        _require_fields(self, ("learn_sigma_y",), *BOOL)
+        _require(_is_real(self.lr_final) and 0 < self.lr_final <= 1, "lr_final", "a number in (0, 1]", self.lr_final)
+
+
+class GaussianModel(SaveLoad, nn.Module):
+    """A meta-learned Gaussian process per task, exact in everything (see the section comment).
+
+    predictive() returns S joint draws of m + f at the targets (mean [T, S, M, dy]) and sigma_y,
+    so the benchmark scores it like every other method; exact_predictive() gives the Gaussian
+    itself, whose log density at the targets is the S = infinity value of that score."""
+
+    Config = GaussianConfig
+
+    def __init__(self, cfg: GaussianConfig, gen: torch.Generator):
+        super().__init__()
+        _require(isinstance(cfg, GaussianConfig), "cfg", "a GaussianConfig", cfg)
+        check_generator(gen)
+        self.cfg = cfg
+        hidden = [cfg.width] * cfg.depth
+        self.mean_net = mlp([cfg.dx, *hidden, cfg.dy], gen)
+        self.feature_net = mlp([cfg.dx, *hidden, cfg.features], gen)
+        if cfg.kernel == "linear":  # Sigma = L L^T, L lower triangular with a positive diagonal; starts at I
+            self.prior_factor = nn.Parameter(torch.zeros(cfg.features, cfg.features))
+        else:
+            self.log_scale = nn.Parameter(torch.zeros(()))  # log s
+        log_sy = torch.tensor(math.log(cfg.sigma_y))
+        self.log_sigma_y = nn.Parameter(log_sy) if cfg.learn_sigma_y else nn.Buffer(log_sy)
+
+    @property
+    def dtype_ref(self):
+        return self.log_sigma_y
+
+    # --- the pieces, in float64
+    def noise_var(self) -> torch.Tensor:
+        return (2 * self.log_sigma_y.double()).exp()
+
+    def prior_chol(self) -> torch.Tensor:
+        """L [d, d] with Sigma = L L^T (linear kernel)."""
+        raw = self.prior_factor.double()
+        return torch.tril(raw, -1) + torch.diag_embed(raw.diagonal().exp())
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_net(x).double()                                    # [T, N, d]
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mean_net(x).double()                                       # [T, N, dy]
+
+    def kernel(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """k(x1, x2) [T, N1, N2] (float64)."""
+        a, b = self.phi(x1), self.phi(x2)                                      # [T, N1, d], [T, N2, d]
+        if self.cfg.kernel == "linear":
+            L = self.prior_chol()
+            return (a @ L) @ (b @ L).transpose(-1, -2)                         # [T, N1, N2]
+        sq = (a.unsqueeze(-2) - b.unsqueeze(-3)).square().sum(-1)              # [T, N1, N2]
+        return (2 * self.log_scale.double()).exp() * torch.exp(-0.5 * sq)
+
+    def residual(self, data: Batch) -> torch.Tensor:
+        """y - m(x) on the real points, 0 on padding: [T, N, dy] (float64)."""
+        return (data.y.double() - self.mean(data.x)) * data.mask.unsqueeze(-1)
+
+    def _weight_posterior(self, ctx: Batch):
+        """Linear kernel, weight space [6]: with P = Phi L (padded rows 0) and M = I + P^T P / sigma^2,
+        w | C ~ N(L M^-1 b, L M^-1 L^T), b = P^T r / sigma^2. Returns (L [d, d], chol M [T, d, d],
+        M^-1 b [T, d, dy]) and the Woodbury pieces of the evidence."""
+        L, s2 = self.prior_chol(), self.noise_var()
+        r = self.residual(ctx)                                                 # [T, N, dy]
+        P = (self.phi(ctx.x) * ctx.mask.unsqueeze(-1)) @ L                     # [T, N, d]
+        eye = torch.eye(L.shape[0], dtype=P.dtype, device=P.device)            # [d, d]
+        R = torch.linalg.cholesky(eye + P.transpose(-1, -2) @ P / s2)          # chol M  [T, d, d]
+        b = P.transpose(-1, -2) @ r / s2                                       # [T, d, dy]
+        return L, R, torch.cholesky_solve(b, R), b, r
+
+    # --- exact evidence, the meta-training objective
+    def log_evidence(self, data: Batch) -> torch.Tensor:
+        """log p(y | x) of every task [T] (float64): the d x d Woodbury form for the linear kernel
+        (O(N d^2)), one N x N Cholesky factor for the RBF kernel [9]."""
+        n = data.counts.double()                                               # [T]
+        s2, dy = self.noise_var(), self.cfg.dy
+        if self.cfg.kernel == "linear":  # r^T A^-1 r = |r|^2 / s2 - b^T M^-1 b, log det A = n log s2 + log det M
+            _, R, Minv_b, b, r = self._weight_posterior(data)
+            quad = r.square().sum((-1, -2)) / s2 - (b * Minv_b).sum((-1, -2))  # [T]
+            logdet = n * s2.log() + 2 * R.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [T]
+            return -0.5 * quad - 0.5 * dy * (logdet + n * LOG_2PI)
+        A = noisy_gram(self.kernel(data.x, data.x), data.mask, s2)             # [T, N, N]
+        return gaussian_log_evidence(torch.linalg.cholesky(A), self.residual(data), n)
+
+    def loss(self, batch: Batch, gen=None) -> torch.Tensor:
+        """Negative log evidence per point, averaged over the tasks of the minibatch."""
+        return -(self.log_evidence(batch) / batch.counts.clamp(min=1)).mean()
+
+    def fit(self, data: Batch, gen: torch.Generator) -> list:
+        """Meta-train on whole tasks (minibatches of tasks drawn with gen)."""
+        cfg = self.cfg
+        data = check_training_data(data, cfg.dx, cfg.dy, self.dtype_ref, 1)
+        check_generator(gen, self.dtype_ref)
+        self.skipped_updates = []
+        return train_loop(self.parameters(), lambda it: self.loss(task_minibatch(data, cfg.tasks_per_batch, gen)),
+                          cfg.iters, cfg.lr, cfg.clip, cfg.log_every, f"gp-{cfg.kernel}", cfg.lr_final,
+                          self.skipped_updates)
+
+    # --- exact posterior at the targets, and draws from it
+    def _checked(self, ctx, x_target):
+        ctx = check_compatible(ctx, self.cfg.dx, self.cfg.dy, self.dtype_ref)
+        return ctx, check_inputs(x_target, ctx, self.cfg.dx)
+
+    def exact_predictive(self, ctx: Batch, x_target: torch.Tensor):
+        """The Gaussian posterior of m + f at the targets given the context: mean [T, M, dy] and
+        covariance [T, M, M] (float64; add sigma_y^2 I for y). At an empty context, the prior."""
+        ctx, x_target = self._checked(ctx, x_target)
+        with torch.no_grad():
+            A = noisy_gram(self.kernel(ctx.x, ctx.x), ctx.mask, self.noise_var())      # [T, N, N]
+            Lc = torch.linalg.cholesky(A)                                              # [T, N, N]
+            Ktc = self.kernel(x_target, ctx.x) * ctx.mask.unsqueeze(-2)                # [T, M, N]
+            mean = self.mean(x_target) + Ktc @ torch.cholesky_solve(self.residual(ctx), Lc)  # [T, M, dy]
+            W = torch.linalg.solve_triangular(Lc, Ktc.transpose(-1, -2), upper=False)   # Lc^-1 Kct  [T, N, M]
+            cov = self.kernel(x_target, x_target) - W.transpose(-1, -2) @ W             # [T, M, M]
+            return mean, cov
+
+    def exact_log_predictive(self, ctx: Batch, target: Batch) -> torch.Tensor:
+        """log N(y_target; mean, cov + sigma_y^2 I) per task [T]: the S = infinity value of the
+        benchmark's LMLHD for this model (the joint density of all real targets)."""
+        target = make_batch(*target, name="target")
+        mean, cov = self.exact_predictive(ctx, target.x)
+        with torch.no_grad():
+            A = noisy_gram(cov, target.mask, self.noise_var())                        # [T, M, M]
+            r = (target.y.double() - mean) * target.mask.unsqueeze(-1)                 # [T, M, dy]
+            return gaussian_log_evidence(torch.linalg.cholesky(A), r, target.counts.double()).to(target.y.dtype)
+
+    def predictive(self, ctx: Batch, x_target, S: int, gen: torch.Generator):
+        """S joint draws of m + f at the targets, mean [T, S, M, dy], and sigma_y. Linear kernel:
+        draws of the weights w (exact, rank d); RBF: a Cholesky factor of the posterior covariance
+        at the targets (with jitter)."""
+        ctx, x_target = self._checked(ctx, x_target)
+        S = check_samples(S)
+        check_generator(gen, self.dtype_ref)
+        T, M, dy = x_target.shape[0], x_target.shape[1], self.cfg.dy
+        with torch.no_grad():
+            if self.cfg.kernel == "linear":
+                L, R, Minv_b, _, _ = self._weight_posterior(ctx)
+                d = L.shape[0]
+                eps = randn((T, S, d, dy), gen, torch.float64, x_target.device)              # [T, S, d, dy]
+                z = torch.linalg.solve_triangular(R.transpose(-1, -2).unsqueeze(1), eps, upper=True)  # R^-T eps
+                w = (L @ Minv_b).unsqueeze(1) + L @ z                                        # [T, S, d, dy]
+                f = self.mean(x_target).unsqueeze(1) + self.phi(x_target).unsqueeze(1) @ w  # [T, S, M, dy]
+            else:
+                mean, cov = self.exact_predictive(ctx, x_target)
+                Lt = safe_cholesky(cov, self.cfg.jitter, "GP posterior covariance at the targets")  # [T, M, M]
+                eps = randn((T, S, M, dy), gen, torch.float64, x_target.device)              # [T, S, M, dy]
+                f = mean.unsqueeze(1) + Lt.unsqueeze(1) @ eps                                # [T, S, M, dy]
+            return finite(f.to(x_target.dtype), "Gaussian-model predictive"), self.log_sigma_y.exp()

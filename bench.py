@@ -1,6 +1,7 @@
 """
-The benchmark table: amortized LDVI against MAML, BMAML and the Neural Process, measured
-against the Bayes-optimal predictive and, optionally, an HMC gold standard.
+The benchmark table: amortized LDVI against MAML, BMAML, the Neural Process and two
+meta-learned Gaussian models (ALPaCA, a deep-kernel GP), measured against the Bayes-optimal
+predictive and, optionally, an HMC gold standard.
 
     python bench.py --task sinusoid            # the default run (about 18 min on 2 CPU cores)
     python bench.py --task linesine --plot results/linesine.png
@@ -26,6 +27,8 @@ Reference rows (not learned):
   Bayes, S draws    the same LMLHD estimator fed S exact posterior draws: what a perfect
                     sampler scores at finite S;
   oracle            the true function with the true noise (knows the task itself).
+The Gaussian models also get a row "<name>, exact": the same scores for their exact Gaussian
+predictive (the S = infinity value of their LMLHD).
 --gold N adds, for each trained LDVI model, a Metropolis-corrected HMC on the same model's
 posterior for the first N test tasks: ours - gold is the inference gap, gold - Bayes the
 model gap.
@@ -81,17 +84,24 @@ def method_configs(args) -> dict:
         "MAML": (bl.MAML, bl.MAMLConfig(iters=it["maml"], lr=1e-3, adapt_steps=5, inner_lr=0.01)),
         "BMAML": (bl.BMAML, bl.BMAMLConfig(iters=it["bmaml"], lr=1e-3, particles=10, chaser_steps=5,
                                            leader_steps=1, sigma_y=args.noise)),
+        "ALPaCA": (bl.GaussianModel, bl.GaussianConfig(kernel="linear", iters=it["gauss"], sigma_y=args.noise)),
+        "DeepKernelGP": (bl.GaussianModel, bl.GaussianConfig(kernel="rbf", iters=it["gauss"], sigma_y=args.noise)),
     }
 
 
-METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-diagonal", "NP", "MAML", "BMAML")
+METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-diagonal", "NP", "MAML", "BMAML", "ALPaCA",
+           "DeepKernelGP")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "LDVI-diagonal")  # the ablation: --methods LDVI-diagonal
 DESCRIPTION = {
     "LDVI-underdamped": "ours: structured prior (r-dim task latent), underdamped kernel",
     "LDVI-overdamped": "ours: structured prior, overdamped kernel",
     "LDVI-K0": "ours with K = 0: amortized mean-field VI, structured prior",
     "LDVI-diagonal": "ours with the diagonal prior (r = 0), overdamped kernel: ablation",
+    "ALPaCA": "Bayesian linear regression on meta-learned features, exact inference",
+    "DeepKernelGP": "GP with an RBF kernel on meta-learned features, exact inference",
 }
+EXACT = ", exact"  # suffix of the row of a Gaussian model's exact predictive (S = infinity)
+REFERENCE_ROWS = ("oracle", "Bayes-optimal", "Bayes, S draws")
 
 
 def n_params(model) -> int:
@@ -110,6 +120,8 @@ def task_chunks(batch: lm.Batch, chunk: int) -> list:
             for a in range(0, batch.x.shape[0], chunk)]
 
 
+BAYES_DRAWS = 1 << 15  # importance draws per task for the exact Bayes rows (4x at n <= 1)
+NOISE_RANGE = 1e3      # --noise may be at most this many times the RMS of the task family's functions
 LEVELS = tuple(i / 10 for i in range(1, 10))  # nominal coverages of the central predictive intervals
 TAIL_NATS = 20.0                               # a task "fails" more than this far below the Bayes-optimal score
 
@@ -183,6 +195,26 @@ def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chun
     return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * test.x.shape[0])
 
 
+def evaluate_exact(model, test: lm.Batch, contexts, chunk: int = 16):
+    """Per-task scores of a Gaussian model's exact predictive, as evaluate() gives them for S draws:
+    the joint log density of the targets (the S = infinity LMLHD), the MSE of its mean, and the
+    coverage of its marginal central intervals N(mean_m, var_m + sigma_y^2). Also the ms per task."""
+    out, t0 = {}, time.perf_counter()
+    for n in contexts:
+        parts = []
+        for part in task_chunks(test, chunk):
+            ctx = lm.first_n(part, n)
+            mean, cov = model.exact_predictive(ctx, part.x)                          # [T, M, dy], [T, M, M]
+            std = (cov.diagonal(dim1=-2, dim2=-1) + model.noise_var()).sqrt()        # [T, M]
+            mean1 = mean.unsqueeze(1)                                                # [T, 1, M, dy]
+            std1 = std.unsqueeze(1).unsqueeze(-1)                                    # [T, 1, M, 1]
+            parts.append((model.exact_log_predictive(ctx, part), lm.mse(mean1.to(part.y.dtype), part),
+                          coverage_counts(mean1, std1, part)))
+        lp, err, cover = (torch.cat(t) for t in zip(*parts))
+        out[n] = dict(lmlhd=lp, mse=err, cover=cover)
+    return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * test.x.shape[0])
+
+
 def summaries(per_task: dict, test: lm.Batch, bayes: dict | None = None) -> dict:
     """The table's numbers per context size: median LMLHD and MSE, the 10% quantile of the
     per-task LMLHD, the calibration error and, where the Bayes-optimal score is known, the
@@ -220,32 +252,36 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
         ora = dict(lmlhd=ora_lp, mse=ora_mse, cover=coverage_counts(clean.unsqueeze(1), args.noise, test))
         rows["oracle"] = dict(status="ok", scores=summaries({n: ora for n in args.contexts}, test), train_s=0.0,
                               ms_per_task=0.0, params=0)
-    if args.task in TASKS and "per_task" not in rows.get("Bayes-optimal", {}):  # (older files lack per_task)
+    if args.task in TASKS and not bayes_rows_complete(rows):  # (older files lack per_task, the floor's columns)
         t0 = time.perf_counter()
         print(f"[bench] seed {seed}: Bayes-optimal rows", file=sys.stderr, flush=True)
         try:
             bayes = bayes_optimal(test, args.contexts, args.noise, args.task, args.samples,
-                                  torch.Generator().manual_seed(1000 * seed + 7), draws=args.bayes_draws)
+                                  torch.Generator().manual_seed(1000 * seed + 7), draws=args.bayes_draws,
+                                  cover=coverage_counts)
         except ValueError as e:  # e.g. importance sampling degenerate at a tiny noise: the rows fail, nothing else
             bayes = {}
             for row in ("Bayes-optimal", "Bayes, S draws"):
                 rows[row] = dict(status="failed", error=f"ValueError: {e}")
         ms = (time.perf_counter() - t0) * 1e3 / (len(args.contexts) * args.test_tasks)
-        for row, (lk, mk) in (("Bayes-optimal", ("exact", "exact_mse")), ("Bayes, S draws", ("draws", "draws_mse"))):
-            if not bayes:
-                break
-            rows[row] = dict(status="ok", train_s=0.0, ms_per_task=ms, params=0,
-                             scores={n: dict(lmlhd=d[lk].median().item(), mse=d[mk].median().item(),
-                                             lmlhd_q10=torch.quantile(d[lk].double(), 0.1).item())
-                                     for n, d in bayes.items()})
         if bayes:
-            rows["Bayes-optimal"]["per_task"] = {n: d["exact"].tolist() for n, d in bayes.items()}  # for the tails
+            rows["Bayes-optimal"] = dict(status="ok", train_s=0.0, ms_per_task=ms, params=0,
+                                         scores={n: dict(lmlhd=d["exact"].median().item(),
+                                                         mse=d["exact_mse"].median().item(),
+                                                         lmlhd_q10=torch.quantile(d["exact"], 0.1).item())
+                                                 for n, d in bayes.items()},
+                                         per_task={n: d["exact"].tolist() for n, d in bayes.items()})  # for the tails
+            # the floor that S draws allow: failures against the exact row, and calibration, like every method
+            floor = summaries({n: dict(lmlhd=d["draws"], mse=d["draws_mse"], cover=d["draws_cover"])
+                               for n, d in bayes.items()}, test, {n: d["exact"] for n, d in bayes.items()})
+            rows["Bayes, S draws"] = dict(status="ok", train_s=0.0, ms_per_task=ms, params=0, scores=floor)
         save_partial(rows)
     if "per_task" in rows.get("Bayes-optimal", {}):
         per_task["Bayes-optimal"] = {int(n): torch.tensor(v) for n, v in rows["Bayes-optimal"]["per_task"].items()}
     for name in args.methods:
         cls, cfg = method_configs(args)[name]
-        if name in rows and rows[name]["status"] == "ok" and not args.gold:
+        if name in rows and rows[name]["status"] == "ok" and not args.gold and \
+                (not issubclass(cls, bl.GaussianModel) or name + EXACT in rows):
             print(f"[bench] seed {seed}: {name} reused from the partial results (--resume)", file=sys.stderr)
             saved = os.path.join(args.save_dir or "", f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")
             if args.plot and seed == args.seed and args.save_dir and os.path.exists(saved):
@@ -274,6 +310,10 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
                               train_s=train_s, ms_per_task=ms, params=n_params(model), config=asdict(model.cfg),
                               loaded_from=src, skipped_updates=getattr(model, "skipped_updates", None))
             models[name], per_task[name] = model, {n: d["lmlhd"] for n, d in scores.items()}
+            if hasattr(model, "exact_predictive"):  # a Gaussian model: its S = infinity row too
+                scores, ms = evaluate_exact(model, test, args.contexts)
+                rows[name + EXACT] = dict(status="ok", scores=summaries(scores, test, per_task.get("Bayes-optimal")),
+                                          train_s=train_s, ms_per_task=ms, params=n_params(model))
         except Exception as e:  # noqa: BLE001 -- any failure of one method becomes its row
             msg = f"{type(e).__name__}: {e}"
             print(f"[bench] seed {seed}: {name} FAILED: {msg}", file=sys.stderr, flush=True)
@@ -291,6 +331,13 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             plot_prior(f"{stem}_prior{ext}", models, g(9))
             args.written.append(f"{stem}_prior{ext}")
     return rows
+
+
+def bayes_rows_complete(rows: dict) -> bool:
+    """Both Bayes rows present, the exact one with its per-task scores and the S-draw one with its
+    failure and calibration columns (files of older versions lack some; --resume recomputes them)."""
+    exact, floor = rows.get("Bayes-optimal", {}), rows.get("Bayes, S draws", {})
+    return "per_task" in exact and all("calibration" in s for s in floor.get("scores", {None: {}}).values())
 
 
 def gold_rows(args, rows, models, per_task, test, gen, seed) -> dict:
@@ -502,7 +549,7 @@ def plot_headline(path: str, results: dict) -> None:
     for ax, (family, res) in zip(axes[0], results.items()):
         seeds = len(res["config"]["seeds"])
         for k, (name, row) in enumerate(res["results"].items()):
-            if row["status"] != "ok" or name.startswith("gold: ") or name == "Bayes, S draws":
+            if row["status"] != "ok" or name.startswith("gold: ") or name == "Bayes, S draws" or name.endswith(EXACT):
                 continue
             ns = sorted(int(n) for n in row["scores"])
             mean = [row["scores"][str(n)]["lmlhd"]["mean"] for n in ns]
@@ -676,7 +723,7 @@ def vmap_maml_loss(model: bl.MAML, ctx: lm.Batch, batch: lm.Batch) -> torch.Tens
 def train_step(model, train, g, loss_fn=None):
     """One meta-training iteration (loss, backward) of any method, without the optimizer."""
     batch = lm.task_minibatch(train, model.cfg.tasks_per_batch, g)
-    if isinstance(model, lm.LDVIMeta):
+    if isinstance(model, (lm.LDVIMeta, bl.GaussianModel)):
         loss = model.loss(batch, g)
     else:
         loss = (loss_fn or model.loss)(lm.random_subset(batch, g, model.cfg.min_context), batch, g)
@@ -695,8 +742,11 @@ def resolve_task(name: str):
         raise ValueError(f"--task: expected one of {sorted(TASKS)} or module:function, got {name!r}")
     mine = {"bench", "ldvi_meta", "baselines", "tasks", "gold"}
     if module.split(".")[0] in mine:
+        if module == "tasks" and func in TASKS:  # the benchmark's own family, by its full name
+            return TASKS[func]
         raise ValueError(f"--task {name}: a module named {module.split('.')[0]!r} is shadowed by the benchmark's "
-                         f"own; rename your module (the benchmark's are {', '.join(sorted(mine))})")
+                         f"own; rename your module (the benchmark's are {', '.join(sorted(mine))}; its families "
+                         f"are {', '.join(sorted(TASKS))})")
     sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), func)
@@ -746,7 +796,8 @@ def parse_args(argv=None):
     p.add_argument("--K", type=int, default=5, help="diffusion steps of ours")
     p.add_argument("--latent", type=int, default=8, help="r, task-latent dimension of ours' prior (0: diagonal)")
     p.add_argument("--iters", type=int, default=None,
-                   help="meta-training iterations of every method (default: LDVI 1800, NP 3000, MAML 1500, BMAML 1000)")
+                   help="meta-training iterations of every method (default: LDVI 1800, NP 3000, MAML 1500, BMAML 1000, "
+                        "ALPaCA and DeepKernelGP 10000)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds; report mean ± std")
     p.add_argument("--chunk", type=int, default=None,
@@ -821,16 +872,13 @@ def check_args(args) -> None:
             raise ValueError("--gold: needs at least one LDVI method in --methods")
     args.hmc = dict(chains=64, warmup=300, draws=160, n_leapfrog=10) if not args.quick else \
         dict(chains=8, warmup=10, draws=10, n_leapfrog=3)
-    args.bayes_draws = 1 << 15 if not args.quick else 1 << 10
-    base = dict(ldvi=lm.LDVIConfig.iters, np=3000, maml=1500, bmaml=1000)
+    args.bayes_draws = BAYES_DRAWS  # also in a --quick run: one rule for which noise levels the exact rows allow
+    base = dict(ldvi=lm.LDVIConfig.iters, np=3000, maml=1500, bmaml=1000, gauss=bl.GaussianConfig.iters)
     args.iters = {k: args.iters for k in base} if args.iters is not None else base
     args.family = resolve_task(args.task)
-    try:  # a tiny draw now: a broken family fails here, not after an hour of training
-        make_tasks(args.family, 2, 3, args.noise, torch.Generator().manual_seed(0))
-    except ValueError as e:
-        raise ValueError(f"--task {args.task}: {e}") from None
-    except Exception as e:  # noqa: BLE001 -- the user's code raised
-        raise ValueError(f"--task {args.task}: drawing 2 tasks failed ({type(e).__name__}: {e})") from None
+    if args.task.startswith("tasks:"):  # the benchmark's own family by its full name: the same run as its short one
+        args.task = args.task.partition(":")[2]
+    check_family(args)
     if args.device is not None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
             raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
@@ -851,15 +899,20 @@ def check_args(args) -> None:
         bayes_optimal(probe, args.contexts, args.noise, args.task, 4, torch.Generator().manual_seed(0),
                       draws=args.bayes_draws)
     stem = args.task.replace(":", "_")
-    if args.out is None:
-        folder = RESULTS if not args.quick else tempfile.mkdtemp(prefix="ldvi_meta_quick_")  # a fresh folder
-        args.out = os.path.join(folder, f"{stem}{'_speed' if args.speed else ''}.json")
-    if os.path.isdir(args.out):
-        raise ValueError(f"--out: expected a file path, {args.out} is a folder")
-    if not args.out.lower().endswith(".json") or not os.path.basename(args.out)[:-5]:
-        raise ValueError(f"--out: expected a file name ending in .json (the tables go beside it as .md), "
-                         f"got {args.out!r}")
-    check_writable_folder("--out", os.path.dirname(os.path.abspath(args.out)))
+    fresh = args.out is None and args.quick  # a new temporary folder, made once everything else has passed
+    if args.out is None and not args.quick:
+        args.out = os.path.join(RESULTS, f"{stem}{'_speed' if args.speed else ''}.json")
+    if args.out is not None:
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out: expected a file path, {args.out} is a folder")
+        if not args.out.lower().endswith(".json") or not os.path.basename(args.out)[:-5]:
+            hint = f"; did you mean {args.out + '.json'!r}?" if args.out and not os.path.splitext(args.out)[1] \
+                and not args.out.endswith(os.sep) else ""
+            raise ValueError(f"--out: expected a file name ending in .json (the tables go beside it as .md), "
+                             f"got {args.out!r}{hint}")
+        check_writable_folder("--out", os.path.dirname(os.path.abspath(args.out)))
+    if args.quick:
+        check_smoke_outputs(args)
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -884,6 +937,60 @@ def check_args(args) -> None:
             for m in args.methods:
                 check_saved_config(os.path.join(args.load_dir, f"{stem}_seed{s}_{m}.pt"), m, args)
     args.chunk = args.chunk or max(1, 1024 // args.samples)  # after --quick has set the samples
+    if fresh:  # last: a refused run leaves no empty folder behind
+        args.out = os.path.join(tempfile.mkdtemp(prefix="ldvi_meta_quick_"),
+                                f"{stem}{'_speed' if args.speed else ''}.json")
+
+
+def check_family(args) -> None:
+    """Draw from the family before any training: a broken family, one that ignores the generator it
+    is passed (two draws from equal seeds differ: the results could not be reproduced), and a
+    --noise far outside the scale of its functions are refused here, not after an hour."""
+    draws = []
+    for _ in range(2):
+        try:
+            draws.append(make_tasks(args.family, 2, 3, args.noise, torch.Generator().manual_seed(0)))
+        except ValueError as e:
+            raise ValueError(f"--task {args.task}: {e}") from None
+        except Exception as e:  # noqa: BLE001 -- the user's code raised
+            raise ValueError(f"--task {args.task}: drawing 2 tasks failed ({type(e).__name__}: {e})") from None
+    (a, clean_a, _), (b, clean_b, _) = draws
+    if not (torch.equal(clean_a, clean_b) and torch.equal(a.y, b.y)):
+        raise ValueError(f"--task {args.task}: two draws from equal generator seeds gave different tasks, so the "
+                         "family uses a random source other than the generator it is passed (numpy's or Python's "
+                         "global one?) and no run could be repeated; draw every random number from it, e.g. "
+                         "torch.rand(T, 1, 1, generator=gen, device=gen.device)")
+    _, clean, _ = make_tasks(args.family, 64, 16, 1.0, torch.Generator().manual_seed(1))
+    scale = clean.double().square().mean().sqrt().item()  # RMS of the noise-free functions
+    if not math.isfinite(scale) or args.noise > NOISE_RANGE * max(scale, 1e-3):
+        raise ValueError(f"--noise: expected a noise std at most {NOISE_RANGE:g} times the scale of the tasks' "
+                         f"functions (their RMS is {scale:.3g} on 64 probe tasks of {args.task}), got {args.noise:g}: "
+                         "such noise drowns every task (and overflows float32 training)")
+
+
+def check_smoke_outputs(args) -> None:
+    """A --quick run (numbers that mean nothing) never writes into the project's results folder and
+    never overwrites a complete results file."""
+    results = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), RESULTS))
+    for flag in ("out", "plot", "save_dir"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        target = os.path.realpath(path if flag == "save_dir" else os.path.dirname(os.path.abspath(path)))
+        if target == results or target.startswith(results + os.sep):
+            raise ValueError(f"--{flag.replace('_', '-')}: a --quick smoke run never writes into the project's "
+                             f"results folder ({results}), which holds the committed results; leave --out out "
+                             "(a fresh temporary folder is used) or choose another folder")
+    if args.out and os.path.exists(args.out):
+        try:
+            with open(args.out) as fh:
+                old = json.load(fh)
+            full = old.get("complete") and not old.get("config", {}).get("quick", True)
+        except (ValueError, OSError, AttributeError):
+            full = False
+        if full:
+            raise ValueError(f"--out: {args.out} holds the complete results of a full run; a --quick smoke run "
+                             "will not overwrite them; choose another file")
 
 
 # the flags that decide a saved model, per config field: a model trained otherwise is refused
@@ -893,12 +1000,20 @@ FLAG_OF_FIELD = dict(K="--K", latent="--latent", iters="--iters", sigma_y="--noi
 def check_saved_config(path: str, name: str, args) -> None:
     """Raise ValueError naming the flag and both values if the model saved in path was trained with
     another configuration than these flags give (its rows would be mislabelled otherwise)."""
-    saved = lm.SaveLoad.read(path)["config"]
-    expected = asdict(method_configs(args)[name][1])
-    for field, want in expected.items():
+    obj = lm.SaveLoad.read(path)
+    saved, configs = obj["config"], method_configs(args)
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    differs = lambda cfg: [f for f, want in asdict(cfg).items()  # noqa: E731
+                           if f != "log_every" and plain(saved.get(f, "missing")) != plain(want)]
+    if obj["method"] != configs[name][0].__name__ or differs(configs[name][1]) and \
+            any(not differs(cfg) for m, (cls, cfg) in configs.items() if cls.__name__ == obj["method"]):
+        holds = [m for m, (cls, cfg) in configs.items() if cls.__name__ == obj["method"] and not differs(cfg)]
+        raise ValueError(f"--load-dir: {path} should hold the {name} model but holds "
+                         f"{'the ' + holds[0] + ' model' if holds else 'a saved ' + obj['method']}; the benchmark "
+                         f"reads <task>_seed<S>_<method>.pt, so put each model under its own method's name")
+    for field, want in asdict(configs[name][1]).items():
         have = saved.get(field, "missing")
-        if field != "log_every" and (list(have) if isinstance(have, tuple) else have) != \
-                (list(want) if isinstance(want, tuple) else want):
+        if field != "log_every" and plain(have) != plain(want):
             flag = FLAG_OF_FIELD.get(field, "the benchmark's settings")
             raise ValueError(f"--load-dir: {name} in {path} was trained with {field} = {have!r}, but {flag} "
                              f"gives {field} = {want!r}; pass the flags it was trained with, or retrain")
@@ -910,6 +1025,16 @@ def run_config(args, device) -> dict:
                 test_points=args.test_points, noise=args.noise, contexts=args.contexts, samples=args.samples,
                 K=args.K, latent=args.latent, iters=args.iters, quick=args.quick, gold=args.gold, device=str(device),
                 methods={name: asdict(cfg) for name, (_, cfg) in method_configs(args).items() if name in args.methods})
+
+
+def reusable(old_methods: dict, new_methods: dict):
+    """keep(row name) for --resume: the reference rows, and the rows (with their exact and gold rows)
+    of every method that this run asks for with the configuration it had: a method added to a
+    finished run is trained, one whose settings changed is retrained, the others are reused."""
+    def keep(name: str) -> bool:
+        base = name.removeprefix("gold: ").removesuffix(EXACT)
+        return base in REFERENCE_ROWS or (base in new_methods and old_methods.get(base) == new_methods[base])
+    return keep
 
 
 def _int_keys(row: dict) -> dict:
@@ -987,8 +1112,10 @@ def main(argv=None) -> int:
                     print(f"bench.py: error: --resume: {path} is not a readable results file ({type(e).__name__}: "
                           f"{e}); delete or move it, or run without --resume", file=sys.stderr)
                     return 2
-                if {k: v for k, v in old.get("config", {}).items() if k in config} == json.loads(json.dumps(config)):
-                    done = {int(s): {name: _int_keys(row) for name, row in rows.items()}
+                setting = {k: v for k, v in config.items() if k != "methods"}
+                if {k: v for k, v in old["config"].items() if k in setting} == json.loads(json.dumps(setting)):
+                    keep = reusable(old["config"].get("methods", {}), json.loads(json.dumps(config["methods"])))
+                    done = {int(s): {name: _int_keys(row) for name, row in rows.items() if keep(name)}
                             for s, rows in zip(old["config"]["seeds"], old["per_seed"])}
                     wall_before = old.get("wall_s_so_far", old["config"].get("wall_s", 0.0))
                     seed_wall.update({int(k): v for k, v in old["config"].get("seed_wall_s", {}).items()})

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
 KERNELS = ("underdamped", "overdamped")
+DEVICE_TYPES = ("cpu", "cuda")  # where data may live
 
 
 def default_device() -> torch.device:
@@ -178,6 +179,9 @@ def make_batch(x, y, mask=None, name: str = "context") -> Batch:
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}.{arg}: expected a tensor of shape [T, N, d{arg}], got {shape}")
+        if t.device.type not in DEVICE_TYPES:
+            raise ValueError(f"{name}.{arg}: expected a tensor on one of {', '.join(DEVICE_TYPES)}, got one on "
+                             f"{t.device} (other devices are not supported)")
     if x.shape[:2] != y.shape[:2]:
         raise ValueError(f"{name}: x is [T, N] = {tuple(x.shape[:2])} but y is {tuple(y.shape[:2])}")
     if x.dtype != y.dtype or not x.is_floating_point():
@@ -197,11 +201,17 @@ def make_batch(x, y, mask=None, name: str = "context") -> Batch:
     return Batch(torch.where(keep, x, 0.0), torch.where(keep, y, 0.0), mask)
 
 
+def check_batch(batch, name: str) -> Batch:
+    """make_batch(*batch) for anything passed where a Batch belongs; ValueError naming the argument
+    if it is not a Batch(x, y, mask) at all (a bare tensor, say)."""
+    if isinstance(batch, torch.Tensor) or not isinstance(batch, tuple) or len(batch) != 3:
+        raise ValueError(f"{name}: expected a Batch(x, y, mask) (see make_batch), got {type(batch).__name__}")
+    return make_batch(*batch, name=name)
+
+
 def check_compatible(batch, dx: int, dy: int, like: torch.Tensor, name: str = "context") -> Batch:
     """make_batch's checks plus the model's dx, dy, dtype and device (those of `like`)."""
-    if not isinstance(batch, tuple) or len(batch) != 3:
-        raise ValueError(f"{name}: expected a Batch(x, y, mask) (see make_batch), got {type(batch).__name__}")
-    batch = make_batch(*batch, name=name)
+    batch = check_batch(batch, name)
     if batch.x.shape[-1] != dx or batch.y.shape[-1] != dy:
         raise ValueError(f"{name}: expected dx = {dx}, dy = {dy}, got x {tuple(batch.x.shape)}, y {tuple(batch.y.shape)}")
     if batch.x.dtype != like.dtype or batch.x.device != like.device:
@@ -231,11 +241,13 @@ def check_samples(S, name: str = "S") -> int:
 
 def first_n(batch: Batch, n) -> Batch:
     """Context made of the first n[t] points of each task (n an int or an integer [T] tensor)."""
-    batch = make_batch(*batch, name="batch")
+    batch = check_batch(batch, "batch")
     T, N = batch.mask.shape
     if isinstance(n, torch.Tensor):
         _require(not n.is_floating_point() and n.dtype != torch.bool and n.dim() <= 1, "n",
                  "an integer or an integer tensor of shape [T]", n)
+        _require(n.dim() == 0 or n.shape[0] == T, "n", f"an integer or an integer tensor of shape [T] = [{T}]",
+                 f"a tensor of shape {list(n.shape)}")
     else:
         _require(_is_int(n), "n", "an integer or an integer tensor of shape [T]", n)
     n = torch.as_tensor(n, device=batch.mask.device).expand(T)  # [T]
@@ -358,6 +370,44 @@ def diag_normal_logpdf(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tenso
     """log N(x; mean, diag exp(log_std)^2), summed over the last dimension."""
     z = (x - mean) * torch.exp(-log_std)
     return (-0.5 * z.square() - log_std - 0.5 * LOG_2PI).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# Gaussian conditioning on padded point sets (the conjugate pieces: the Gaussian last layer of
+# the "last" prior structure, and the Gaussian baselines of baselines.py)
+
+def noisy_gram(K: torch.Tensor, mask: torch.Tensor, noise_var) -> torch.Tensor:
+    """A = K + noise_var I on the real points and the identity on padded rows and columns, so
+    that padding changes no determinant, solve or quadratic form: K [..., N, N], mask [..., N]."""
+    N = K.shape[-1]
+    eye = torch.eye(N, dtype=K.dtype, device=K.device)                  # [N, N]
+    real = mask.unsqueeze(-1) & mask.unsqueeze(-2)                      # [..., N, N]
+    return torch.where(real, K + noise_var * eye, eye)                  # [..., N, N]
+
+
+def safe_cholesky(A: torch.Tensor, jitter: float = 0.0, what: str = "covariance") -> torch.Tensor:
+    """Lower Cholesky factor of A [..., N, N]. With jitter > 0, jitter times the mean diagonal is
+    added first, ten times more on each of three retries if a factor fails (a rank-deficient
+    posterior covariance, e.g. at 64 targets under a rank-4 kernel). FloatingPointError naming
+    `what` if no factor is found: never a NaN answer. One host sync per call: not for sampler
+    loops."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)         # [N, N]
+    scale = A.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1e-300)[..., None, None]  # [..., 1, 1]
+    for k in range(4 if jitter > 0 else 1):
+        L, info = torch.linalg.cholesky_ex(A + (jitter * 10 ** k) * scale * eye if jitter > 0 else A)
+        if bool((info == 0).all() & torch.isfinite(L).all()):
+            return L
+    raise FloatingPointError(f"{what}: not positive definite (Cholesky failed"
+                             f"{f' with jitter up to {jitter * 1e3:g} x its mean diagonal' if jitter > 0 else ''})")
+
+
+def gaussian_log_evidence(L: torch.Tensor, r: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """sum over the columns of r of log N(r[:, j]; 0, A), A = L L^T [..., N, N] from noisy_gram
+    (identity on padding), r [..., N, dy] zero on padding, counts [...] real points -> [...]."""
+    dy = r.shape[-1]
+    alpha = torch.cholesky_solve(r, L)                                  # A^-1 r  [..., N, dy]
+    logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)             # log det A  [...]
+    return -0.5 * (r * alpha).sum((-1, -2)) - 0.5 * dy * (logdet + counts * LOG_2PI)
 
 
 # -----------------------------------------------------------------------------
@@ -842,7 +892,7 @@ def finite(t: torch.Tensor, what: str) -> torch.Tensor:
 # evaluation: the same two numbers for every method
 
 def _check_prediction(mean, target: Batch):
-    target = make_batch(*target, name="target")
+    target = check_batch(target, "target")
     T, M, dy = target.y.shape
     if not isinstance(mean, torch.Tensor) or mean.dim() != 4 or mean.shape[0] != T or mean.shape[2:] != (M, dy):
         got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__

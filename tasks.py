@@ -41,6 +41,7 @@ References
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple
 
 import torch
@@ -170,6 +171,7 @@ def _pooled(x, y, mask, noise: float, family: str, gen: torch.Generator, draws: 
 def log_evidence(x, y, mask, noise: float, family: str, gen: torch.Generator, draws: int = 1 << 16):
     """log p(y_C) per task [T] under the true task distribution `family` (float64)."""
     _require_family(family)
+    _require_noise(noise)
     parts = [math.log(weight) + torch.logsumexp(log_w, -1) - math.log(draws)
              for _, log_w, weight, _ in _pooled(x, y, mask, noise, family, gen, draws)]
     return torch.logsumexp(torch.stack(parts), 0)
@@ -180,6 +182,7 @@ def posterior(x, y, mask, x_target, noise: float, family: str, S: int, gen: torc
     the mean of the predictive [T, M] from the importance weights, and f [T, S, M] for S
     exact-posterior draws by sampling-importance-resampling). float64."""
     _require_family(family)
+    _require_noise(noise)
     pooled = _pooled(x, y, mask, noise, family, gen, draws)
     log_w = torch.stack([math.log(weight) + lw for _, lw, weight, _ in pooled], 1)  # [T, F, draws]
     log_z = torch.logsumexp(log_w.flatten(1), -1) - math.log(draws)               # [T]
@@ -203,11 +206,13 @@ def posterior(x, y, mask, x_target, noise: float, family: str, S: int, gen: torc
 
 
 def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.Generator, chunk: int = 16,
-                  draws: int = 1 << 16):
+                  draws: int = 1 << 16, cover: Callable | None = None):
     """The two Bayes rows for every context size n (the context is the first n points of
     each test task, the targets all of them): per-task LMLHD and MSE of the exact predictive
     (S = infinity) and of S exact-posterior draws fed to the benchmark's LMLHD estimator.
-    Returns {n: dict(exact=[T], exact_mse=[T], draws=[T], draws_mse=[T])}, float64.
+    Returns {n: dict(exact=[T], exact_mse=[T], draws=[T], draws_mse=[T])}, float64, and with
+    cover(mean [t, S, M, 1], std, target Batch) -> [t, L] (bench.coverage_counts) also
+    draws_cover [T, L]: the coverage of the S-draw mixture's central intervals.
     n <= 1 gets 4x the draws: there the proposal is the prior alone.
 
     The exact row is what the LMLHD estimator log (1/S) sum_s p(y_all | w_s), w_s ~ p(w | C),
@@ -217,10 +222,12 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
     points outside the context; measured on sinusoid test tasks, the two differ by up to
     0.7 nats per task at noise 0.25 but by 15 at noise 0.1 with n = 16."""
     _require_family(family)
+    _require_noise(noise)
     if any(n < 0 or n > int(test.counts.min()) for n in contexts):
         raise ValueError(f"contexts: expected sizes in [0, {int(test.counts.min())}] (the fewest points of a test "
                          f"task), got {list(contexts)}")
-    out = {n: dict(exact=[], exact_mse=[], draws=[], draws_mse=[]) for n in contexts}
+    out = {n: dict(exact=[], exact_mse=[], draws=[], draws_mse=[], **({"draws_cover": []} if cover else {}))
+           for n in contexts}
     for a in range(0, test.x.shape[0], chunk):
         x, y, mask = test.x[a:a + chunk].cpu(), test.y[a:a + chunk].cpu(), test.mask[a:a + chunk].cpu()
         yt, m = y.double().squeeze(-1), mask.double()                            # [t, M]
@@ -236,9 +243,17 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
             out[n]["exact_mse"].append(((mean - yt) ** 2 * m).sum(-1) / m.sum(-1))
             out[n]["draws"].append(torch.logsumexp(ll, -1) - math.log(S))
             out[n]["draws_mse"].append(((f.mean(1) - yt) ** 2 * m).sum(-1) / m.sum(-1))
+            if cover:
+                from ldvi_meta import Batch
+                out[n]["draws_cover"].append(cover(f.unsqueeze(-1), noise, Batch(x, y, mask)))
     return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in out.items()}
 
 
 def _require_family(family: str) -> None:
     if family not in MIXTURES:
         raise ValueError(f"family: the Bayes-optimal predictive is known for {sorted(MIXTURES)}, got {family!r}")
+
+
+def _require_noise(noise) -> None:
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not math.isfinite(noise) or noise <= 0:
+        raise ValueError(f"noise: expected the observation noise std, a finite number > 0, got {noise!r}")

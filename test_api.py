@@ -44,6 +44,14 @@ def nonfinite(T, gen):
     return lambda x: x / 0.0
 def raises(T, gen):
     raise RuntimeError("boom")
+def numpy_global(T, gen):
+    import numpy as np
+    a = torch.tensor(np.random.rand(T, 1, 1), dtype=torch.float32)
+    return lambda x: a * x
+def python_global(T, gen):
+    import random
+    a = torch.tensor([[[random.random()]] for _ in range(T)])
+    return lambda x: a * torch.sin(x)
 '''
 
 CLI = [
@@ -91,7 +99,16 @@ CLI = [
     (["--save-dir", "{tmp}/fam_cli.py"], "--save-dir: expected a folder"),
     (["--save-dir", "/proc/no_such_place"], "--save-dir: cannot create the folder"),
     (["--noise", "1e-30"], "noise: 1e-30 is too small for the importance-sampled exact posterior"),
-    (["--task", "tasks:sinusoid"], "is shadowed by the benchmark's own"),
+    (["--task", "tasks:quadratic"], "is shadowed by the benchmark's own"),
+    (["--task", "fam_cli:numpy_global"], "two draws from equal generator seeds gave different tasks"),
+    (["--task", "fam_cli:python_global"], "draw every random number from it, e.g. torch.rand(T, 1, 1, generator=gen"),
+    (["--noise", "1e30"], "--noise: expected a noise std at most 1000 times the scale of the tasks' functions"),
+    (["--noise", "5000", "--task", "linesine"], "--noise: expected a noise std at most 1000 times"),
+    (["--out", "{tmp}/name"], "did you mean '{tmp}/name.json'?"),
+    (["--quick", "--out", "{here}/results/sinusoid.json"], "--out: a --quick smoke run never writes into the "
+                                                          "project's results folder"),
+    (["--quick", "--plot", "{here}/results/smoke.png"], "--plot: a --quick smoke run never writes into"),
+    (["--quick", "--save-dir", "{here}/results/models"], "--save-dir: a --quick smoke run never writes into"),
     (["--baseline", "{tmp}"], "--baseline: only with --speed"),
     (["--speed", "--baseline", "{tmp}"], "--baseline: expected a checkout of this project"),
 ]
@@ -102,12 +119,16 @@ def test_bad_command_lines_are_refused_before_any_work(argv, message, tmp_path, 
     (tmp_path / "fam_cli.py").write_text(FAMILIES)
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("fam_cli", None)
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{here}", here) for a in argv]
+    before = sorted(os.listdir(os.path.join(here, "results")))
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv + ["--out", str(tmp_path / "r.json")] if "--out" not in argv else argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
+    message = message.replace("{tmp}", str(tmp_path))
     assert "usage:" in err and message in err, err
+    assert sorted(os.listdir(os.path.join(here, "results"))) == before
 
 
 def test_a_bad_command_line_exits_2_from_the_shell():
@@ -208,6 +229,23 @@ API = [
      "noise: expected a finite number > 0, got -0.25"),
     ("bayes_optimal n beyond the points", lambda t: tasks.bayes_optimal(data(2, 4), [0, 6], 0.25, "sinusoid", 4,
                                                                          gen(0)), ValueError, "contexts: expected sizes"),
+    ("bayes_optimal noise=0", lambda t: tasks.bayes_optimal(data(2, 4), [0, 1], 0, "sinusoid", 4, gen(0)),
+     ValueError, "noise: expected the observation noise std, a finite number > 0, got 0"),
+    ("log_evidence noise=nan", lambda t: tasks.log_evidence(data().x, data().y, data().mask, float("nan"),
+                                                            "sinusoid", gen(0)), ValueError, "noise: expected"),
+    ("log_predictive with a tensor target", lambda t: lm.log_predictive(torch.zeros(3, 2, 6, 1), 0.25, data().y),
+     ValueError, "target: expected a Batch(x, y, mask) (see make_batch), got Tensor"),
+    ("mse with a tensor target", lambda t: lm.mse(torch.zeros(3, 2, 6, 1), data().x), ValueError,
+     "target: expected a Batch(x, y, mask)"),
+    ("first_n with a tensor batch", lambda t: lm.first_n(data().x, 2), ValueError, "batch: expected a Batch"),
+    ("first_n n of the wrong length", lambda t: lm.first_n(data(), torch.tensor([1, 2])), ValueError,
+     "n: expected an integer or an integer tensor of shape [T] = [3], got 'a tensor of shape [2]'"),
+    ("context on the meta device", lambda t: models()["NP"].predictive(
+        lm.Batch(*(v.to("meta") for v in data())), data().x, 4, gen(0)), ValueError,
+     "context.x: expected a tensor on one of cpu, cuda, got one on meta"),
+    ("make_batch on the meta device", lambda t: lm.make_batch(torch.zeros(2, 3, 1, device="meta"),
+                                                              torch.zeros(2, 3, 1, device="meta")), ValueError,
+     "(other devices are not supported)"),
     ("latent_hidden without latent", lambda t: lm.LDVIConfig(latent=0, latent_hidden=4), ValueError,
      "latent_hidden: expected 0 when latent = 0"),
     ("gen=0", lambda t: lm.LDVIMeta(lm.LDVIConfig(**SMALL), 0), ValueError, "gen: expected a torch.Generator"),

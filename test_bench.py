@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ import baselines as bl
 import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROWS = ["oracle", "Bayes-optimal", "Bayes, S draws", *bench.DEFAULT_METHODS]
+GAUSSIAN = ("ALPaCA", "DeepKernelGP")
+ROWS = ["oracle", "Bayes-optimal", "Bayes, S draws",
+        *(row for m in bench.DEFAULT_METHODS for row in ([m, m + bench.EXACT] if m in GAUSSIAN else [m]))]
 
 
 def parse_table(text, title="LMLHD"):
@@ -355,3 +358,98 @@ def test_headline_figure_from_results(quick_run, tmp_path, monkeypatch):
     assert (tmp_path / "h.png").stat().st_size > 0
     assert bench.headline(str(tmp_path / "h2.png"), str(tmp_path)) == 0 and (tmp_path / "h2.png").exists()
     assert bench.headline(str(tmp_path / "h3.png"), str(tmp_path / "nothing")) == 2
+
+
+# -----------------------------------------------------------------------------
+# the floor rows, the Gaussian models' exact rows, --resume with new methods
+
+def test_the_s_draw_floor_row_has_failures_and_calibration_and_the_gaussian_models_exact_rows(quick_run):
+    stdout, result, _ = quick_run
+    contexts = result["config"]["contexts"]
+    floor = result["results"]["Bayes, S draws"]["scores"]
+    for n in contexts:
+        assert 0 <= floor[str(n)]["tail"]["mean"] <= 1 and 0 <= floor[str(n)]["calibration"]["mean"] < 0.5
+    fails = parse_table(stdout, "Failures")
+    calib = parse_table(stdout, "Calibration error")
+    assert "–" not in fails["Bayes, S draws"] and "–" not in calib["Bayes, S draws"]
+    for name in GAUSSIAN:  # the S = infinity row of each Gaussian model is scored like every other row
+        exact = result["results"][name + bench.EXACT]
+        assert exact["status"] == "ok" and all(math.isfinite(exact["scores"][str(n)]["lmlhd"]["mean"]) for n in contexts)
+        assert name + bench.EXACT in fails and "–" not in fails[name + bench.EXACT]
+
+
+def test_the_floor_rows_are_recomputed_for_an_older_results_file():
+    old = {"Bayes-optimal": {"per_task": {0: [1.0]}}, "Bayes, S draws": {"scores": {0: {"lmlhd": 1.0}}}}
+    assert not bench.bayes_rows_complete(old) and not bench.bayes_rows_complete({})
+    old["Bayes, S draws"]["scores"][0]["calibration"] = 0.1
+    assert bench.bayes_rows_complete(old)
+
+
+def test_resume_trains_only_the_methods_a_finished_run_lacks_or_ran_otherwise(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    base = ["--quick", "--quiet", "--contexts", "0,2", "--out", str(out)]
+    assert bench.main(base + ["--methods", "NP,MAML"]) == 0
+    first = json.loads(out.read_text())
+    fits = []
+    for cls in (bl.NeuralProcess, bl.MAML, bl.GaussianModel):
+        fit = cls.fit
+        monkeypatch.setattr(cls, "fit", lambda self, *a, fit=fit, cls=cls: fits.append(cls.__name__) or fit(self, *a))
+    assert bench.main(base + ["--methods", "NP,MAML,ALPaCA", "--resume"]) == 0
+    assert fits == ["GaussianModel"]  # only the method the finished run lacked
+    second = json.loads(out.read_text())
+    for name in ("NP", "MAML", "Bayes-optimal"):
+        assert second["per_seed"][0][name] == first["per_seed"][0][name]
+    assert {"ALPaCA", "ALPaCA, exact"} <= set(second["results"])
+    original = bench.method_configs
+
+    def other_maml(args):  # MAML's settings changed since: it is retrained, the others are not
+        configs = original(args)
+        configs["MAML"][1].inner_lr = 0.02
+        return configs
+    monkeypatch.setattr(bench, "method_configs", other_maml)
+    assert bench.main(base + ["--methods", "NP,MAML,ALPaCA", "--resume"]) == 0
+    assert fits == ["GaussianModel", "MAML"]
+
+
+def test_the_benchmark_s_own_family_by_its_full_name_is_the_same_run(tmp_path):
+    args = bench.parse_args(["--task", "tasks:linesine", "--quick", "--out", str(tmp_path / "r.json")])
+    assert args.task == "linesine" and args.family is bench.TASKS["linesine"]  # so the Bayes rows are computed
+
+
+def test_a_quick_run_checks_the_noise_by_the_same_rule_as_a_full_run(tmp_path):
+    out = ["--out", str(tmp_path / "r.json")]
+    assert bench.parse_args(["--quick"] + out).bayes_draws == bench.parse_args(out).bayes_draws
+
+
+def test_a_refused_quick_run_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--plot", str(tmp_path / "fig.xyz")])
+    assert "--plot" in capsys.readouterr().err and files_in(tmp_path) == []
+    args = bench.parse_args(["--quick"])  # an accepted one gets its fresh folder
+    assert os.path.dirname(args.out).startswith(str(tmp_path / "ldvi_meta_quick_"))
+
+
+def test_a_quick_run_never_overwrites_complete_results(tmp_path, capsys):
+    full, smoke = tmp_path / "full.json", tmp_path / "smoke.json"
+    full.write_text(json.dumps({"complete": True, "config": {"quick": False}}))
+    smoke.write_text(json.dumps({"complete": True, "config": {"quick": True}}))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--out", str(full)])
+    assert "holds the complete results of a full run" in capsys.readouterr().err
+    assert bench.parse_args(["--quick", "--out", str(smoke)]).out == str(smoke)  # a smoke run's file may go
+    assert bench.parse_args(["--out", str(full)]).out == str(full)  # and a full run overwrites a full run
+
+
+def test_load_dir_holding_another_method_s_model_says_which_it_holds(tmp_path, capsys):
+    out = str(tmp_path / "r.json")
+    args = bench.parse_args(["--quick", "--methods", "NP", "--out", out])
+    for name, file in (("NP", "LDVI-overdamped"), ("LDVI-underdamped", "LDVI-K0")):
+        cls, cfg = bench.method_configs(args)[name]
+        cls(cfg, torch.Generator().manual_seed(0)).save(str(tmp_path / f"sinusoid_seed0_{file}.pt"))
+    for method, message in (("LDVI-overdamped", "should hold the LDVI-overdamped model but holds the NP model"),
+                            ("LDVI-K0", "should hold the LDVI-K0 model but holds the LDVI-underdamped model")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--quick", "--methods", method, "--load-dir", str(tmp_path), "--out", out])
+        err = capsys.readouterr().err
+        assert message in err and "hidden" not in err, err
