@@ -527,7 +527,7 @@ def plot_prior(path: str, models: dict, gen) -> None:
         mean = model.prior_mean
         grid = torch.linspace(-5, 5, 200, device=mean.device, dtype=mean.dtype).view(1, 200, 1)
         with torch.no_grad():
-            f = model.bnn(model.theta(model.sample_prior(1, 12, gen)), grid)[0, :, :, 0].cpu()  # [12, 200]
+            f = model.bnn(model.prior_weights(1, 12, gen), grid)[0, :, :, 0].cpu()  # [12, 200]
         for s in range(f.shape[0]):
             ax.plot(grid[0, :, 0].cpu(), f[s], lw=1)
         ax.set_title(f"{name} (r = {model.cfg.latent})", fontsize=9)
@@ -1112,7 +1112,7 @@ def main(argv=None) -> int:
                     print(f"bench.py: error: --resume: {path} is not a readable results file ({type(e).__name__}: "
                           f"{e}); delete or move it, or run without --resume", file=sys.stderr)
                     return 2
-                setting = {k: v for k, v in config.items() if k != "methods"}
+                setting = {k: v for k, v in config.items() if k not in ("methods", "iters")}  # compared per method
                 if {k: v for k, v in old["config"].items() if k in setting} == json.loads(json.dumps(setting)):
                     keep = reusable(old["config"].get("methods", {}), json.loads(json.dumps(config["methods"])))
                     done = {int(s): {name: _int_keys(row) for name, row in rows.items() if keep(name)}

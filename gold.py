@@ -117,8 +117,7 @@ class Gold:
         model = self.model
         ctx = model.check(ctx)
         n, C = int(ctx.counts.max()), self.chains
-        loglik = lambda v: lm.gaussian_loglik(model.bnn(model.theta(v), ctx.x), ctx.y, ctx.mask,  # noqa: E731
-                                              model.sigma_y)                                    # [T, C]
+        loglik = lambda v: model.context_loglik(v, ctx)                                # [T, C]  # noqa: E731
         with torch.no_grad():
             m, log_s = model.q0(ctx)                                                 # [T, r + D]
             v0 = model.sample_prior(ctx.x.shape[0], C, gen)                          # [T, C, r + D]
@@ -129,4 +128,4 @@ class Gold:
             keep = torch.linspace(0, C * N - 1, S).round().long()                    # S of the C * N kept draws
             v = v.transpose(1, 2).reshape(T, N * C, Dv)[:, keep]                     # [T, S, r + D]
             self.stats[n] = dict(accept=acc.tolist(), rhat_loglik=split_rhat(trace).tolist())
-            return lm.finite(model.bnn(model.theta(v), x_target), "gold"), model.sigma_y
+            return lm.finite(model.bnn(model.weights(v, ctx, gen), x_target), "gold"), model.sigma_y

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
 KERNELS = ("underdamped", "overdamped")
+STRUCTURES = ("all", "last")  # where the prior's task latent acts: every weight, or the last layer
 DEVICE_TYPES = ("cpu", "cuda")  # where data may live
 
 
@@ -122,6 +123,11 @@ class LDVIConfig:
     latent: int = 8                   # r, dimension of the task latent z in the prior (0: diagonal prior)
     latent_init: float = 1e-3         # B starts at latent_init * N(0, 1) entries
     latent_hidden: int = 0            # h > 0: theta = B relu(A z + a) + theta_res, a nonlinear map of z (0: B z)
+    structure: str = "all"            # "all": the latent moves every weight; "last": only the last layer, which is
+                                      # then Gaussian given the hidden layers and integrated out exactly
+    hidden_std: float = 0.01          # "last": prior std of the hidden-layer weights, one per layer (initial value)
+    learn_hidden_std: bool = True     # "last": meta-learn those stds (False: fixed at hidden_std)
+    components: int = 1               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
     kernel: str = "overdamped"        # "overdamped" or "underdamped" diffusion kernel
     K: int = 5                        # number of diffusion steps (0 = amortized mean-field VI)
     step_init: float = 0.05           # initial step size h_k (small: training starts near mean-field VI)
@@ -154,6 +160,17 @@ class LDVIConfig:
         _require(_is_real(self.lr_final) and 0 < self.lr_final <= 1, "lr_final", "a number in (0, 1]", self.lr_final)
         _require(self.latent or not self.latent_hidden, "latent_hidden", "0 when latent = 0 (no task latent to map)",
                  self.latent_hidden)
+        _require(self.structure in STRUCTURES, "structure", f"one of {STRUCTURES}", self.structure)
+        _require_fields(self, ("components",), *INT_GE1)
+        _require_fields(self, ("hidden_std",), *POSITIVE)
+        _require_fields(self, ("learn_hidden_std",), *BOOL)
+        if self.structure == "last":
+            _require(len(self.hidden) >= 1, "hidden", "at least one hidden layer with structure = 'last'", self.hidden)
+            _require(not self.latent_hidden, "latent_hidden", "0 with structure = 'last' (the last layer is linear "
+                     "in its latent)", self.latent_hidden)
+        else:
+            _require(self.components == 1, "components", "1 with structure = 'all' (mixtures need 'last')",
+                     self.components)
 
 
 # -----------------------------------------------------------------------------
@@ -320,21 +337,29 @@ class BNN:
         Backpropagation written out with ordinary (differentiable) tensor ops, so that
         autograd differentiates the score with a first-order pass: much cheaper than
         autograd.grad(create_graph=True). Tested against autograd."""
-        f, layers, acts = self._forward(theta, data.x)
+        f, backprop = self.forward_and_backprop(theta, data.x)
         mask = data.mask.unsqueeze(1).unsqueeze(-1).to(f.dtype)   # [T, 1, N, 1]
         r = (data.y.unsqueeze(1) - f) / sigma                      # [T, P, N, dy]
         ll = ((-0.5 * r.square() - torch.log(sigma) - 0.5 * LOG_2PI) * mask).sum((-1, -2))  # [T, P]
-        delta = r / sigma * mask                                    # d ll / d f  [T, P, N, dy]
-        grads = []
-        for l in range(len(layers) - 1, -1, -1):
-            W, _ = layers[l]
-            grads.append(delta.sum(-2))                                       # d/db  [T, P, dout]
-            grads.append(_matmul(acts[l].transpose(-1, -2), delta).flatten(-2))  # d/dW  [T, P, din*dout]
-            if l > 0:  # through W, then through the ReLU: zero where its output is 0
-                delta = _matmul(delta, W.transpose(-1, -2)).masked_fill_(acts[l] <= 0, 0.0)  # [T, P, N, din]
-        T, P = f.shape[:2]
-        grads = [g.expand(T, P, -1) for g in grads[::-1]]
-        return ll, torch.cat(grads, -1)  # [T, P], [T, P, D]
+        return ll, backprop(r / sigma * mask)  # d ll / d f = r / sigma: [T, P], [T, P, D]
+
+    def forward_and_backprop(self, theta: torch.Tensor, x: torch.Tensor):
+        """(f [T, P, N, dout], backprop): backprop(delta) maps delta = d L / d f [T, P, N, dout] to
+        d L / d theta [T, P, D], a reverse pass written out with ordinary differentiable tensor
+        ops that reuses the forward pass's layer inputs (tested against autograd)."""
+        f, layers, acts = self._forward(theta, x)
+
+        def backprop(delta):
+            grads = []
+            for l in range(len(layers) - 1, -1, -1):
+                W, _ = layers[l]
+                grads.append(delta.sum(-2))                                       # d/db  [T, P, dout]
+                grads.append(_matmul(acts[l].transpose(-1, -2), delta).flatten(-2))  # d/dW  [T, P, din*dout]
+                if l > 0:  # through W, then through the ReLU: zero where its output is 0
+                    delta = _matmul(delta, W.transpose(-1, -2)).masked_fill_(acts[l] <= 0, 0.0)  # [T, P, N, din]
+            T, P = f.shape[:2]
+            return torch.cat([g.expand(T, P, -1) for g in grads[::-1]], -1)      # [T, P, D]
+        return f, backprop
 
     def init(self, gen: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
         """A flat weight vector with PyTorch's nn.Linear default: U(-1/sqrt(fan_in), +)."""
@@ -404,10 +429,73 @@ def safe_cholesky(A: torch.Tensor, jitter: float = 0.0, what: str = "covariance"
 def gaussian_log_evidence(L: torch.Tensor, r: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """sum over the columns of r of log N(r[:, j]; 0, A), A = L L^T [..., N, N] from noisy_gram
     (identity on padding), r [..., N, dy] zero on padding, counts [...] real points -> [...]."""
-    dy = r.shape[-1]
-    alpha = torch.cholesky_solve(r, L)                                  # A^-1 r  [..., N, dy]
+    return _log_evidence(L, r, torch.cholesky_solve(r, L), counts)
+
+
+def _log_evidence(L, r, alpha, counts):
+    """gaussian_log_evidence given alpha = A^-1 r as well."""
     logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)             # log det A  [...]
-    return -0.5 * (r * alpha).sum((-1, -2)) - 0.5 * dy * (logdet + counts * LOG_2PI)
+    return -0.5 * (r * alpha).sum((-1, -2)) - 0.5 * r.shape[-1] * (logdet + counts * LOG_2PI)
+
+
+class LastLayerPrior(NamedTuple):
+    """The Gaussian (mixture) prior of the last layer W [H1, dy] (H1 = last hidden width + 1 for the
+    bias): component j has weight pi_j and independent columns W[:, k] ~ N(mean_j[:, k], Sigma_j),
+    Sigma_j = B_j B_j^T + diag exp(2 log_std_j): a rank-r part that couples the weights (the task
+    latent z integrated out: W = mean + B z + residual) and a diagonal part."""
+    mean: torch.Tensor      # [M, H1, dy]
+    basis: torch.Tensor     # B [M, H1, r] (r = 0: no low-rank part)
+    log_std: torch.Tensor   # [M, H1]
+    log_mix: torch.Tensor   # log pi [M], normalized
+
+
+def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, noise_var):
+    """The last layer integrated out exactly, given the hidden layers' outputs: y = Phi W + noise.
+
+    Phi [T, P, N, H1] holds the last hidden layer's outputs and a 1 per point (zero on padded
+    points). Per prior component, y[:, k] ~ N(Phi mean_j[:, k], A_j), A_j = Phi Sigma_j Phi^T +
+    sigma_y^2 I (conjugacy [11, 12]); the mixture's evidence is a logsumexp over components.
+    Returns (log p(C | hidden layers) [T, P], its gradient in Phi [T, P, N, H1], and the pieces
+    that last_layer_draw reuses). Computed in float64 (the N x N factors are small); gradient
+    per component, with alpha = A^-1 r and G = Phi Sigma:  alpha (mean^T + alpha^T G) - dy A^-1 G
+    (tested against autograd), weighted by the components' posterior responsibilities."""
+    Phi = Phi.double().unsqueeze(2)                                              # [T, P, 1, N, H1]
+    mask = ctx.mask[:, None, None, :]                                            # [T, 1, 1, N]
+    mean, basis, log_std = prior.mean.double(), prior.basis.double(), prior.log_std.double()
+    var = (2 * log_std).exp().unsqueeze(-2)                                      # [M, 1, H1]
+    PB = Phi @ basis                                                             # [T, P, M, N, r]
+    G = PB @ basis.transpose(-1, -2) + Phi * var                                 # Phi Sigma  [T, P, M, N, H1]
+    K = G @ Phi.transpose(-1, -2)                                                # Phi Sigma Phi^T  [T, P, M, N, N]
+    L, _ = torch.linalg.cholesky_ex(noisy_gram(K, mask, torch.as_tensor(noise_var).double()))  # [T, P, M, N, N]
+    r = (ctx.y.double()[:, None, None] - Phi @ mean) * mask.unsqueeze(-1)        # [T, P, M, N, dy]
+    alpha = torch.cholesky_solve(r, L)                                           # [T, P, M, N, dy]
+    log_pj = prior.log_mix.double() + _log_evidence(L, r, alpha, ctx.counts.double()[:, None, None])  # [T, P, M]
+    resp = torch.softmax(log_pj, -1)                                             # [T, P, M]
+    dPhi = alpha @ (mean.transpose(-1, -2) + alpha.transpose(-1, -2) @ G) \
+        - r.shape[-1] * torch.cholesky_solve(G, L)                              # [T, P, M, N, H1]
+    grad = (resp[..., None, None] * dPhi).sum(2)                                 # [T, P, N, H1]
+    return torch.logsumexp(log_pj, -1), grad, (L, G, resp)
+
+
+def last_layer_draw(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, noise_var, pieces, gen: torch.Generator):
+    """Exact posterior draws of the last layer given the hidden layers' outputs Phi [T, P, N, H1]
+    and last_layer_evidence's pieces: a component j drawn by its posterior responsibility, a
+    prior draw W0 of that component, and then Matheron's rule (pathwise conditioning [13]):
+        W = W0 + Sigma_j Phi^T A_j^-1 (y - Phi W0 - eps),  eps ~ N(0, sigma_y^2 I),
+    which has exactly the conditional Gaussian's mean and covariance. -> W [T, P, H1, dy] (float64)."""
+    L, G, resp = pieces
+    T, P, M, N, H1 = G.shape
+    r, dy = prior.basis.shape[-1], prior.mean.shape[-1]
+    dev = Phi.device
+    j = torch.multinomial(resp.view(T * P, M), 1, generator=gen).view(T, P) if M > 1 else \
+        torch.zeros(T, P, dtype=torch.long, device=dev)                         # [T, P]
+    pick = lambda t: t[torch.arange(T, device=dev)[:, None], torch.arange(P, device=dev), j]  # noqa: E731
+    z = randn((T, P, r + H1 + N, dy), gen, torch.float64, dev)                  # [T, P, r + H1 + N, dy]
+    mean, basis, std = prior.mean.double()[j], prior.basis.double()[j], prior.log_std.double().exp()[j]
+    W0 = mean + basis @ z[:, :, :r] + std.unsqueeze(-1) * z[:, :, r:r + H1]       # [T, P, H1, dy]
+    eps = torch.as_tensor(noise_var).double().sqrt() * z[:, :, r + H1:]          # [T, P, N, dy]
+    resid = (ctx.y.double().unsqueeze(1) - Phi.double() @ W0 - eps) * ctx.mask[:, None, :, None]  # [T, P, N, dy]
+    return W0 + pick(G).transpose(-1, -2) @ torch.cholesky_solve(resid, pick(L))  # [T, P, H1, dy]
 
 
 # -----------------------------------------------------------------------------
@@ -738,8 +826,12 @@ class LDVIMeta(SaveLoad, nn.Module):
         self.cfg = cfg
         self.bnn = BNN(cfg.dx, cfg.dy, cfg.hidden)
         D, K, r = self.bnn.n_params, cfg.K, cfg.latent
-        self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu [D]
-        self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # log sigma [D]
+        if cfg.structure == "last":
+            self._init_last_layer_prior(gen)
+            D, r = self.feature_bnn.n_params, 0  # the diffusion's state: the hidden layers' weights alone
+        else:
+            self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu [D]
+            self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # log sigma [D]
         h = cfg.latent_hidden or r
         if r and cfg.latent_hidden:  # A [h, r], a [h], like nn.Linear's default
             self.latent_A = nn.Parameter((2 * torch.rand(h, r, generator=gen) - 1) / math.sqrt(r))
@@ -758,6 +850,76 @@ class LDVIMeta(SaveLoad, nn.Module):
                                                    if cfg.refresh_init > 0 else -20.0))
         self.raw_betas = nn.Parameter(torch.zeros(K))  # equal increments: beta_k = k / K
 
+    def _init_last_layer_prior(self, gen):
+        """structure = "last": the hidden layers' weights theta_h ~ N(mu_h, diag sigma_l^2), one sigma_l
+        per layer, and a Gaussian (mixture) prior over the last layer (LastLayerPrior). Component 0
+        starts at the network's own initial last layer, the others at other draws of it."""
+        cfg = self.cfg
+        H1, M = cfg.hidden[-1] + 1, cfg.components
+        self.feature_bnn = BNN(cfg.dx, cfg.hidden[-1], cfg.hidden[:-1])           # the hidden layers alone
+        Dh = self.feature_bnn.n_params
+        inits = [self.bnn.init(gen) for _ in range(M)]                           # [D] each
+        self.prior_mean = nn.Parameter(inits[0][:Dh])                            # mu_h [Dh]
+        log_h = torch.full((len(cfg.hidden),), math.log(cfg.hidden_std))        # log sigma_l per hidden layer
+        self.hidden_log_std = nn.Parameter(log_h) if cfg.learn_hidden_std else nn.Buffer(log_h)
+        self.register_buffer("layer_sizes", torch.tensor([a * b + b for a, b in self.feature_bnn.shapes]),
+                             persistent=False)
+        self.last_mean = nn.Parameter(torch.stack([self.last_matrix(w[Dh:]) for w in inits]))  # [M, H1, dy]
+        self.last_log_std = nn.Parameter(torch.full((M, H1), math.log(cfg.prior_std_init)))    # [M, H1]
+        self.last_basis = nn.Parameter(cfg.latent_init * torch.randn(M, H1, cfg.latent, generator=gen))  # [M, H1, r]
+        self.mix_logits = nn.Parameter(torch.zeros(M))                           # log pi up to a constant
+
+    def last_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """The last layer's flat weights [..., H dy + dy] (the BNN's layout: W, then b) as [..., H + 1, dy]."""
+        H, dy = self.cfg.hidden[-1], self.cfg.dy
+        return torch.cat([w[..., :H * dy].unflatten(-1, (H, dy)), w[..., H * dy:].unsqueeze(-2)], -2)
+
+    def last_prior(self) -> LastLayerPrior:
+        return LastLayerPrior(self.last_mean, self.last_basis, self.last_log_std, F.log_softmax(self.mix_logits, 0))
+
+    def _design(self, pre: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Phi [T, P, N, H + 1]: the last hidden layer's outputs relu(pre) and a 1, zero on padding."""
+        ones = torch.ones_like(pre[..., :1])                                     # [T, P, N, 1]
+        return torch.cat([F.relu(pre), ones], -1) * mask[:, None, :, None]      # [T, P, N, H + 1]
+
+    def _collapsed(self, v: torch.Tensor, ctx: Batch):
+        """structure = "last": log p(C | theta_h) with the last layer integrated out [T, P], its
+        gradient in theta_h [T, P, Dh] (the BNN's written-out backprop from the design's gradient),
+        and what last_layer_draw needs (Phi and the factors)."""
+        pre, backprop = self.feature_bnn.forward_and_backprop(v, ctx.x)         # [T, P, N, H]
+        Phi = self._design(pre, ctx.mask)                                        # [T, P, N, H + 1]
+        ll, dPhi, pieces = last_layer_evidence(Phi, ctx, self.last_prior(), self.sigma_y ** 2)
+        g = backprop(dPhi[..., :-1].to(pre.dtype).masked_fill(pre <= 0, 0.0))  # through the ReLU: [T, P, Dh]
+        return ll.to(v.dtype), g, (Phi, pieces)
+
+    def context_loglik(self, v: torch.Tensor, ctx: Batch) -> torch.Tensor:
+        """log p(C | v) [T, P] for states v: the BNN's likelihood ("all"), or the evidence with the
+        last layer integrated out ("last")."""
+        if self.cfg.structure == "last":
+            pre = self.feature_bnn(v, ctx.x)                                     # [T, P, N, H]
+            return last_layer_evidence(self._design(pre, ctx.mask), ctx, self.last_prior(),
+                                       self.sigma_y ** 2)[0].to(v.dtype)
+        return gaussian_loglik(self.bnn(self.theta(v), ctx.x), ctx.y, ctx.mask, self.sigma_y)
+
+    def weights(self, v: torch.Tensor, ctx: Batch, gen: torch.Generator) -> torch.Tensor:
+        """The BNN weights theta [T, P, D] of states v [T, P, .] given the context: theta(v) ("all"), or
+        the hidden layers v with a last layer drawn from its exact conditional posterior ("last")."""
+        if self.cfg.structure != "last":
+            return self.theta(v)
+        pre = self.feature_bnn(v, ctx.x)                                         # [T, P, N, H]
+        Phi = self._design(pre, ctx.mask)                                        # [T, P, N, H + 1]
+        prior, noise_var = self.last_prior(), self.sigma_y ** 2
+        pieces = last_layer_evidence(Phi, ctx, prior, noise_var)[2]
+        W = last_layer_draw(Phi, ctx, prior, noise_var, pieces, gen).to(v.dtype)  # [T, P, H + 1, dy]
+        H = self.cfg.hidden[-1]
+        return torch.cat([v, W[..., :H, :].flatten(-2), W[..., H, :]], -1)      # [T, P, D]
+
+    def prior_weights(self, T: int, P: int, gen: torch.Generator) -> torch.Tensor:
+        """P BNN weight vectors theta [T, P, D] per task drawn from the meta-learned prior."""
+        x = self.prior_mean.new_zeros(T, 1, self.cfg.dx)
+        empty = Batch(x, x.new_zeros(T, 1, self.cfg.dy), torch.zeros(T, 1, dtype=torch.bool, device=x.device))
+        return self.weights(self.sample_prior(T, P, gen), empty, gen)
+
     # --- the learned kernel parameters
     def schedule(self):
         """(steps h_k > 0, refresh c_k in (0, 1), betas 0 < beta_1 <= ... <= beta_K = 1)."""
@@ -770,7 +932,10 @@ class LDVIMeta(SaveLoad, nn.Module):
 
     # --- the prior over the state v = (z, theta_res) and the map v -> theta = B z + theta_res
     def state_prior(self):
-        """Mean and log std [r + D] of the diagonal prior over v: N(0, I_r) x N(mu, diag sigma^2)."""
+        """Mean and log std [r + D] of the diagonal prior over v: N(0, I_r) x N(mu, diag sigma^2);
+        structure = "last": over the hidden layers' weights, N(mu_h, diag sigma_l^2) [Dh]."""
+        if self.cfg.structure == "last":
+            return self.prior_mean, self.hidden_log_std.repeat_interleave(self.layer_sizes)
         zeros = self.prior_mean.new_zeros(self.cfg.latent)
         return torch.cat([zeros, self.prior_mean]), torch.cat([zeros, self.prior_log_std])
 
@@ -802,14 +967,14 @@ class LDVIMeta(SaveLoad, nn.Module):
     def log_joint(self, v: torch.Tensor, ctx: Batch) -> torch.Tensor:
         """log p(v) + log p(C | theta(v)) [T, P], written plainly (the reference for target)."""
         mean, log_std = self.state_prior()
-        f = self.bnn(self.theta(v), ctx.x)  # [T, P, N, dy]
-        return diag_normal_logpdf(v, mean, log_std) + gaussian_loglik(f, ctx.y, ctx.mask, self.sigma_y)
+        return diag_normal_logpdf(v, mean, log_std) + self.context_loglik(v, ctx)
 
     def target(self, ctx: Batch) -> Callable:
         """v -> (log gamma(v), grad_v log gamma). The likelihood's gradient in theta is the BNN's
         written-out backprop g, and J^T g = (B^T g, g) (through the ReLU and A when the map of z
         is nonlinear): no extra backward pass for the latent."""
-        r = self.cfg.latent
+        last = self.cfg.structure == "last"
+        r = 0 if last else self.cfg.latent
         mean, log_std = self.state_prior()                          # [r + D]
         log_norm = -log_std.sum() - 0.5 * mean.shape[0] * LOG_2PI
         prec = torch.exp(-2 * log_std)                              # [r + D]
@@ -817,7 +982,10 @@ class LDVIMeta(SaveLoad, nn.Module):
         basis_t = self.basis.T.contiguous() if r else None                 # B^T [h, D], made once
 
         def value_and_grad(v):
-            ll, g = self.bnn.loglik_and_grad(self.theta(v, basis_t), ctx, self.sigma_y)  # [T, P], [T, P, D]
+            if last:  # the last layer integrated out: a likelihood of the hidden layers alone
+                ll, g, _ = self._collapsed(v, ctx)                               # [T, P], [T, P, Dh]
+            else:
+                ll, g = self.bnn.loglik_and_grad(self.theta(v, basis_t), ctx, self.sigma_y)  # [T, P], [T, P, D]
             if r:
                 gz = g @ basis_t.T                                               # B^T g  [T, P, h]
                 if self.cfg.latent_hidden:
@@ -852,13 +1020,25 @@ class LDVIMeta(SaveLoad, nn.Module):
         return self._sample(ctx, P, gen)
 
     def _sample(self, ctx: Batch, P: int, gen: torch.Generator, weights: bool = True):
-        m, log_s = self.q0(ctx)
-        T, Dv = m.shape
-        u0, noise = draw_noise(self.cfg.kernel, self.cfg.K, (T, P, Dv), gen, m.dtype, m.device)  # [T, P, r + D]
+        """(theta [T, P, D], log w [T, P] or None). A task without context points gets exact draws
+        from the prior and log w = 0 (= log p(empty set)): no encoder, no diffusion."""
+        prior_m, prior_ls = self.state_prior()                                   # [Dv]
+        T, Dv = ctx.x.shape[0], prior_m.shape[0]
+        empty = ctx.counts == 0                                                  # [T]
+        if bool(empty.all()):  # nothing to condition on (one host sync per call, not per step)
+            v = self.sample_prior(T, P, gen)                                     # [T, P, Dv]
+            return self.weights(v, ctx, gen), v.new_zeros(T, P) if weights else None
+        m, log_s = self.q0(ctx)                                                  # [T, Dv]
+        m, log_s = torch.where(empty[:, None], prior_m, m), torch.where(empty[:, None], prior_ls, log_s)
+        u0, noise = draw_noise(self.cfg.kernel, self.cfg.K, (T, P, Dv), gen, m.dtype, m.device)  # [T, P, Dv]
         steps, refresh, betas = self.schedule()
         v, log_w = diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, noise, self.cfg.kernel,
                              self.cfg.tamed, weights)
-        return self.theta(v), log_w
+        e = empty[:, None, None]                                                 # [T, 1, 1]
+        v = torch.where(e, torch.addcmul(m.unsqueeze(1), log_s.exp().unsqueeze(1), u0), v)  # the prior's own draw
+        if weights:
+            log_w = torch.where(e[..., 0], 0.0, log_w)
+        return self.weights(v, ctx, gen), log_w
 
     def predictive(self, ctx: Batch, x_target: torch.Tensor, S: int, gen: torch.Generator):
         """Predictive mixture for the targets: means [T, S, M, dy] and the noise std.

@@ -390,6 +390,8 @@ def test_resume_trains_only_the_methods_a_finished_run_lacks_or_ran_otherwise(tm
     base = ["--quick", "--quiet", "--contexts", "0,2", "--out", str(out)]
     assert bench.main(base + ["--methods", "NP,MAML"]) == 0
     first = json.loads(out.read_text())
+    del first["config"]["iters"]["gauss"]  # as a file of a version that had no Gaussian models wrote it
+    out.write_text(json.dumps(first))
     fits = []
     for cls in (bl.NeuralProcess, bl.MAML, bl.GaussianModel):
         fit = cls.fit

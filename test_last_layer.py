@@ -1,0 +1,263 @@
+"""Tests of the "last" prior structure of ldvi_meta: the last layer integrated out exactly given
+the hidden layers. Its evidence against torch's MultivariateNormal, its gradient and the model's
+score against autograd, its posterior draws against the conditional Gaussian, exactness when the
+hidden layers are fixed, unbiased weights against plain prior Monte Carlo, exact prior draws at
+n = 0, K = 0 as mean-field VI, the mixture prior, save/load and the HMC gold standard on it.
+Exactness is checked in float64."""
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+import gold
+import ldvi_meta as lm
+from ldvi_meta import KERNELS, LDVIConfig, LDVIMeta
+from test_ldvi_meta import F64, gen, mean_field_reference, sinusoid_batch
+
+
+def last_model(g, **kw):
+    cfg = dict(structure="last", hidden=(8, 6), enc_hidden=16, enc_dim=8, K=3, latent=2, particles=4,
+               tasks_per_batch=4, log_every=0, kernel="overdamped", sigma_y=0.3, hidden_std=0.2, components=1)
+    cfg.update(kw)
+    return LDVIMeta(LDVIConfig(**cfg), g)
+
+
+def randomized(model, seed=1):
+    """A non-trivial prior: spread-out components, a sizeable low-rank part, unequal weights."""
+    with torch.no_grad():
+        model.last_mean.normal_(0, 1.0, generator=gen(seed))
+        model.last_basis.normal_(0, 0.7, generator=gen(seed + 1))
+        model.last_log_std.uniform_(-2, 0, generator=gen(seed + 2))
+        model.mix_logits.normal_(0, 1.0, generator=gen(seed + 3))
+    return model
+
+
+def reference_evidence(Phi, ctx, prior, noise_var):
+    """log sum_j pi_j prod_k N(y[:, k]; Phi mean_j[:, k], Phi Sigma_j Phi^T + s2 I) over the real points,
+    one task and one particle at a time."""
+    T, P = Phi.shape[:2]
+    out = torch.zeros(T, P, dtype=F64)
+    for t in range(T):
+        keep = ctx.mask[t]
+        for p in range(P):
+            X = Phi[t, p, keep].double()                                      # [n, H1]
+            terms = []
+            for j in range(prior.mean.shape[0]):
+                B, s = prior.basis[j].double(), prior.log_std[j].double().exp()
+                cov = X @ (B @ B.T + torch.diag(s ** 2)) @ X.T + noise_var * torch.eye(X.shape[0], dtype=F64)
+                lp = sum(MultivariateNormal(X @ prior.mean[j, :, k].double(), cov).log_prob(ctx.y[t, keep, k].double())
+                         for k in range(ctx.y.shape[-1])) if X.shape[0] else torch.zeros((), dtype=F64)
+                terms.append(prior.log_mix[j].double() + lp)
+            out[t, p] = torch.logsumexp(torch.stack(terms), 0)
+    return out
+
+
+def design(g, T, P, N, H1, mask):
+    Phi = torch.randn(T, P, N, H1, generator=g, dtype=F64)
+    Phi[..., -1] = 1.0
+    return Phi * mask[:, None, :, None]
+
+
+@pytest.mark.parametrize("M, r, dy", [(1, 2, 1), (3, 2, 1), (2, 0, 2)])
+def test_last_layer_evidence_equals_the_multivariate_normal(M, r, dy):
+    g = gen(M + r + dy)
+    T, P, N, H1 = 3, 2, 5, 4
+    mask = torch.arange(N) < torch.tensor([0, 2, 5]).unsqueeze(-1)
+    ctx = lm.Batch(torch.zeros(T, N, 1, dtype=F64), torch.randn(T, N, dy, generator=g, dtype=F64) * mask[..., None],
+                   mask)
+    prior = lm.LastLayerPrior(torch.randn(M, H1, dy, generator=g, dtype=F64), torch.randn(M, H1, r, generator=g,
+                              dtype=F64), -torch.rand(M, H1, generator=g, dtype=F64),
+                              torch.log_softmax(torch.randn(M, generator=g, dtype=F64), 0))
+    Phi = design(g, T, P, N, H1, mask)
+    ll, grad, _ = lm.last_layer_evidence(Phi, ctx, prior, 0.09)
+    assert torch.allclose(ll, reference_evidence(Phi, ctx, prior, 0.09), atol=1e-9)
+    assert torch.equal(ll[0], torch.zeros(P, dtype=F64))  # no points: evidence 1
+    # the hand-written gradient in Phi (over the real points) against autograd
+    X = Phi.clone().requires_grad_(True)
+    ref, = torch.autograd.grad(lm.last_layer_evidence(X, ctx, prior, 0.09)[0].sum(), X)
+    assert torch.allclose(grad, ref, atol=1e-9)
+
+
+def test_the_collapsed_target_matches_autograd_and_ignores_padding():
+    model = randomized(last_model(gen(0), components=2).double())
+    g = gen(2)
+    data = sinusoid_batch(3, 6, g, F64)
+    data = lm.Batch(data.x, data.y, torch.arange(6) < torch.tensor([1, 4, 6]).unsqueeze(-1))
+    v = model.sample_prior(3, 4, g)
+    value, grad = model.target(data)(v)
+    ref_value, ref_grad = lm.autograd_target(lambda v: model.log_joint(v, data))(v)
+    assert torch.allclose(value, ref_value, atol=1e-10) and torch.allclose(grad, ref_grad, atol=1e-9)
+    # the same tasks with padding of random content appended: the same numbers
+    pad = lm.Batch(torch.cat([data.x, 9 * torch.randn(3, 2, 1, generator=g, dtype=F64)], 1),
+                   torch.cat([data.y, 9 * torch.randn(3, 2, 1, generator=g, dtype=F64)], 1),
+                   torch.cat([data.mask, torch.zeros(3, 2, dtype=torch.bool)], 1))
+    v2, g2 = model.target(pad)(v)
+    assert torch.allclose(v2, value, atol=1e-10) and torch.allclose(g2, grad, atol=1e-10)
+    # and the evidence itself against the slow reference, through the model's own design
+    pre = model.feature_bnn(v, data.x)
+    ll = model.context_loglik(v, data)
+    assert torch.allclose(ll, reference_evidence(model._design(pre, data.mask), data, model.last_prior(),
+                                                 model.sigma_y.item() ** 2), atol=1e-9)
+
+
+def conditional_moments(X, y, prior, s2, j=0):
+    """The last layer's conditional posterior (one column, one component): mean [H1], cov [H1, H1]."""
+    B, s = prior.basis[j].double(), prior.log_std[j].double().exp()
+    Sigma = B @ B.T + torch.diag(s ** 2)
+    prec = torch.linalg.inv(Sigma) + X.T @ X / s2
+    cov = torch.linalg.inv(prec)
+    mean = cov @ (torch.linalg.solve(Sigma, prior.mean[j, :, 0].double()) + X.T @ y / s2)
+    return mean, cov
+
+
+def test_last_layer_draws_have_the_conditional_posterior_mean_and_covariance():
+    """40000 draws (Matheron's rule) against the closed-form Gaussian; tolerances about 5 standard errors."""
+    g = gen(3)
+    N, H1, S = 3, 4, 40000
+    mask = torch.ones(1, N, dtype=torch.bool)
+    X = design(g, 1, 1, N, H1, mask)[0, 0]                                   # [N, H1]
+    ctx = lm.Batch(torch.zeros(1, N, 1, dtype=F64), torch.randn(1, N, 1, generator=g, dtype=F64), mask)
+    prior = lm.LastLayerPrior(torch.randn(1, H1, 1, generator=g, dtype=F64), torch.randn(1, H1, 2, generator=g,
+                              dtype=F64), torch.full((1, H1), -0.5, dtype=F64), torch.zeros(1, dtype=F64))
+    Phi = X.expand(1, S, N, H1)
+    pieces = lm.last_layer_evidence(Phi, ctx, prior, 0.2)[2]
+    W = lm.last_layer_draw(Phi, ctx, prior, 0.2, pieces, gen(4))[0, :, :, 0]  # [S, H1]
+    mean, cov = conditional_moments(X, ctx.y[0, :, 0], prior, 0.2)
+    sd = cov.diagonal().sqrt()
+    assert ((W.mean(0) - mean).abs() <= 5 * sd / math.sqrt(S)).all()
+    emp = torch.cov(W.T)
+    assert ((emp - cov).abs() <= 5 * math.sqrt(2 / S) * sd[:, None] * sd[None, :] + 1e-9).all()
+
+
+def test_mixture_draws_pick_components_by_their_posterior_responsibilities():
+    g = gen(5)
+    N, H1, S = 2, 3, 40000
+    mask = torch.ones(1, N, dtype=torch.bool)
+    X = design(g, 1, 1, N, H1, mask)[0, 0]
+    ctx = lm.Batch(torch.zeros(1, N, 1, dtype=F64), torch.tensor([[[0.5], [-0.3]]], dtype=F64), mask)
+    means = torch.stack([torch.full((H1, 1), 0.4), torch.full((H1, 1), -0.4)]).double()  # two separated components
+    prior = lm.LastLayerPrior(means, torch.zeros(2, H1, 0, dtype=F64), torch.full((2, H1), -2.0, dtype=F64),
+                              torch.log(torch.tensor([0.3, 0.7], dtype=F64)))
+    Phi = X.expand(1, S, N, H1)
+    _, _, pieces = lm.last_layer_evidence(Phi, ctx, prior, 0.1)
+    resp = pieces[2][0, 0]                                                   # [2]
+    W = lm.last_layer_draw(Phi, ctx, prior, 0.1, pieces, gen(6))[0, :, :, 0]  # [S, H1]
+    comp0 = torch.stack([conditional_moments(X, ctx.y[0, :, 0], prior, 0.1, j)[0] for j in range(2)])  # [2, H1]
+    nearest = ((W[:, None, :] - comp0[None]) ** 2).sum(-1).argmin(-1)        # which component a draw came from
+    frac = (nearest == 0).double().mean()
+    assert abs(frac - resp[0]) < 5 * math.sqrt(resp[0] * resp[1] / S) + 1e-3, (frac, resp)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("K", [0, 3])
+def test_exact_when_the_hidden_layers_are_fixed(kernel, K):
+    """Hidden-layer prior std 1e-9 (fixed) and q0 = that prior: the posterior over the last layer is
+    conjugate and integrated out, so every log w equals the exact log evidence log p(C) of the
+    Bayesian linear model on the network's features at mu_h, for any kernel and K."""
+    model = randomized(last_model(gen(7), kernel=kernel, K=K, hidden_std=1e-9, learn_hidden_std=False,
+                                  components=2)).double()
+    with torch.no_grad():
+        model.raw_steps.uniform_(-1, 1, generator=gen(8))
+        model.raw_betas.uniform_(-2, 2, generator=gen(9))
+    data = sinusoid_batch(3, 5, gen(10), F64)
+    ctx = lm.first_n(data, torch.tensor([1, 3, 5]))
+    _, log_w = model.sample(ctx, 6, gen(11))
+    mu = model.prior_mean.detach().expand(3, 1, -1)
+    Phi = model._design(model.feature_bnn(mu, ctx.x), ctx.mask)
+    log_z = reference_evidence(Phi, ctx, model.last_prior(), model.sigma_y.item() ** 2)  # [3, 1]
+    assert torch.allclose(log_w, log_z.expand_as(log_w), atol=1e-6)
+    assert torch.allclose(lm.elbo(log_w), lm.iw_bound(log_w), atol=1e-6)
+
+
+def test_weights_are_unbiased_for_the_evidence_against_prior_monte_carlo():
+    """Random hidden layers (std 0.2): log p(C) is not closed form, but plain prior Monte Carlo over
+    theta_h of the collapsed evidence estimates it; the sampler's IW bound with many particles must
+    agree, and the ELBO must lie below it."""
+    model = randomized(last_model(gen(12), K=2, hidden_std=0.1)).double()
+    data = sinusoid_batch(2, 3, gen(13), F64)
+    with torch.no_grad():
+        v = model.sample_prior(2, 100_000, gen(14))
+        ll = model.context_loglik(v, data)                                               # [2, 100000]
+        log_z = torch.logsumexp(ll, -1) - math.log(v.shape[1])                          # [2]
+        _, log_w = model.sample(data, 20_000, gen(15))
+    ess = 1 / torch.softmax(ll, -1).square().sum(-1)
+    assert (ess > 1000).all(), ess  # the reference itself is accurate
+    iw, el = lm.iw_bound(log_w), lm.elbo(log_w)
+    assert ((iw - log_z).abs() < 0.05).all(), (iw, log_z)
+    assert (el <= iw).all()
+
+
+def test_an_empty_context_draws_the_prior_exactly_without_encoder_or_diffusion(monkeypatch):
+    model = randomized(last_model(gen(16), components=2)).double()
+    data = sinusoid_batch(3, 4, gen(17), F64)
+    ctx = lm.first_n(data, torch.tensor([0, 2, 0]))
+    _, log_w = model.sample(ctx, 5, gen(18))
+    assert torch.equal(log_w[[0, 2]], torch.zeros(2, 5, dtype=F64)) and (log_w[1] != 0).all()
+    calls = []
+    monkeypatch.setattr(model.encoder, "forward", lambda *a: calls.append("encoder"))
+    monkeypatch.setattr(lm, "diffusion", lambda *a, **k: calls.append("diffusion"))
+    theta, log_w = model.sample(lm.first_n(data, 0), 20_000, gen(19))
+    assert calls == [] and torch.equal(log_w, torch.zeros_like(log_w))
+    # the draws have the prior's moments: hidden layers N(mu_h, sigma_l^2), last layer the mixture
+    mu, log_std = model.state_prior()
+    Dh = mu.shape[0]
+    h = theta[0, :, :Dh]
+    assert ((h.mean(0) - mu).abs() < 5 * log_std.exp() / math.sqrt(20_000)).all()
+    assert ((h.std(0) / log_std.exp() - 1).abs() < 0.05).all()
+    prior = model.last_prior()
+    w = theta[0, :, -1]                                                       # the output bias: last-layer row H
+    pi = prior.log_mix.exp()
+    mean = (pi * prior.mean[:, -1, 0]).sum()
+    var = (pi * (prior.mean[:, -1, 0] ** 2 + (prior.basis[:, -1] ** 2).sum(-1) + (2 * prior.log_std[:, -1]).exp())
+           ).sum() - mean ** 2
+    assert abs(w.mean() - mean) < 5 * var.sqrt() / math.sqrt(20_000) and abs(w.var() / var - 1) < 0.05
+
+
+def test_K0_is_mean_field_vi_on_the_collapsed_target():
+    model = randomized(last_model(gen(20), K=0)).double()
+    with torch.no_grad():
+        for p in model.encoder.head[-1].parameters():
+            p.normal_(0, 0.1, generator=gen(21))
+    data = sinusoid_batch(2, 5, gen(22), F64)
+    _, log_w = model.sample(data, 6, gen(23))
+    m, log_s = model.q0(data)
+    u0, _ = lm.draw_noise(model.cfg.kernel, 0, (2, 6, m.shape[-1]), gen(23), F64)
+    _, ref = mean_field_reference(lambda v: model.log_joint(v, data), m, log_s, u0)
+    assert torch.allclose(log_w, ref, atol=1e-9)
+
+
+def test_training_raises_the_elbo_and_save_load_round_trips(tmp_path):
+    data = sinusoid_batch(8, 8, gen(24))
+    model = last_model(gen(25), iters=60, lr=3e-3, components=2)
+    before = sum(-model.loss(data, gen(26)).item() for _ in range(5))
+    model.fit(data, gen(27))
+    after = sum(-model.loss(data, gen(26)).item() for _ in range(5))
+    assert after > before
+    path = str(tmp_path / "m.pt")
+    model.save(path)
+    back = LDVIMeta.load(path)
+    ctx = lm.first_n(data, 3)
+    a, b = model.predictive(ctx, data.x, 6, gen(28)), back.predictive(ctx, data.x, 6, gen(28))
+    assert torch.equal(a[0], b[0])
+    fixed = last_model(gen(29), learn_hidden_std=False)
+    assert "hidden_log_std" not in dict(fixed.named_parameters()) and "hidden_log_std" in fixed.state_dict()
+
+
+def test_the_hmc_gold_standard_runs_on_the_collapsed_target():
+    model = last_model(gen(30))
+    data = sinusoid_batch(2, 6, gen(31))
+    ref = gold.Gold(model, chains=4, warmup=5, draws=4, n_leapfrog=2, name="")
+    mean, sy = ref.predictive(lm.first_n(data, 2), data.x, 8, gen(32))
+    assert mean.shape == (2, 8, 6, 1) and torch.isfinite(mean).all() and 2 in ref.stats
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(structure="middle"), "structure"), (dict(components=0), "components"),
+    (dict(components=2, structure="all"), "components"), (dict(structure="last", hidden=()), "hidden"),
+    (dict(structure="last", latent_hidden=4), "latent_hidden"), (dict(hidden_std=0), "hidden_std"),
+    (dict(learn_hidden_std="yes"), "learn_hidden_std"),
+])
+def test_bad_structure_settings_are_refused(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LDVIConfig(**kwargs)
