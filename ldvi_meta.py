@@ -41,6 +41,12 @@ References
       algorithm. Stochastic Processes and their Applications, 2019.
   [8] O. Papaspiliopoulos, G. Roberts, M. Skold. A general framework for the
       parametrization of hierarchical models. Statistical Science, 2007 (non-centred).
+  [9] J. Harrison, A. Sharma, M. Pavone. Meta-learning priors for efficient online Bayesian
+      regression. WAFR 2018 (ALPaCA: a Gaussian last layer on meta-learned features).
+  [10] C. Rasmussen, C. Williams. Gaussian processes for machine learning. MIT Press, 2006.
+  [11] J. Wilson, V. Borovitskiy, A. Terenin, P. Mostowsky, M. Deisenroth. Efficiently
+      sampling functions from Gaussian process posteriors. ICML 2020 (pathwise conditioning).
+  [12] G. Casella, C. Robert. Rao-Blackwellisation of sampling schemes. Biometrika, 1996.
 """
 from __future__ import annotations
 
@@ -454,7 +460,7 @@ def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, no
 
     Phi [T, P, N, H1] holds the last hidden layer's outputs and a 1 per point (zero on padded
     points). Per prior component, y[:, k] ~ N(Phi mean_j[:, k], A_j), A_j = Phi Sigma_j Phi^T +
-    sigma_y^2 I (conjugacy [11, 12]); the mixture's evidence is a logsumexp over components.
+    sigma_y^2 I (conjugacy [9, 10]); the mixture's evidence is a logsumexp over components.
     Returns (log p(C | hidden layers) [T, P], its gradient in Phi [T, P, N, H1], and the pieces
     that last_layer_draw reuses). Computed in float64 (the N x N factors are small); gradient
     per component, with alpha = A^-1 r and G = Phi Sigma:  alpha (mean^T + alpha^T G) - dy A^-1 G
@@ -480,7 +486,7 @@ def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, no
 def last_layer_draw(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, noise_var, pieces, gen: torch.Generator):
     """Exact posterior draws of the last layer given the hidden layers' outputs Phi [T, P, N, H1]
     and last_layer_evidence's pieces: a component j drawn by its posterior responsibility, a
-    prior draw W0 of that component, and then Matheron's rule (pathwise conditioning [13]):
+    prior draw W0 of that component, and then Matheron's rule (pathwise conditioning [11]):
         W = W0 + Sigma_j Phi^T A_j^-1 (y - Phi W0 - eps),  eps ~ N(0, sigma_y^2 I),
     which has exactly the conditional Gaussian's mean and covariance. -> W [T, P, H1, dy] (float64)."""
     L, G, resp = pieces

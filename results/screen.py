@@ -1,0 +1,87 @@
+"""Screening runs behind the lab notes (results/README.md): one LDVI variant, one seed, the first 64
+test tasks of the benchmark's seed, scored by the benchmark's own estimator (S = 1024 draws).
+
+The data, seeds and training follow bench.py exactly (meta-training tasks from seed 1000 s + 1,
+the model from 1000 s + 3, training 1000 s + 4); evaluation draws from 1000 s + 5. Prints and
+appends one JSON line per run: median LMLHD, failures (> 20 nats below the Bayes-optimal score),
+the 10% quantile and the calibration error at each n, the training time and, at each n, the
+median effective sample size of the importance weights of 1024 particles (ESS, from 1 to 1024).
+
+    python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last)
+"""
+import ast
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+import ldvi_meta as lm  # noqa: E402
+import tasks  # noqa: E402
+
+CONTEXTS = [0, 1, 2, 4, 8, 16]
+TASKS = 64
+
+
+def bayes_rows(family, seed, test):
+    """The Bayes-optimal per-task scores of these test tasks (cached: the same for every variant)."""
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"screen_bayes_{family}_{seed}.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    rows = tasks.bayes_optimal(test, CONTEXTS, 0.25, family, 1024, torch.Generator().manual_seed(1000 * seed + 7),
+                               draws=bench.BAYES_DRAWS)
+    torch.save(rows, path)
+    return rows
+
+
+def ess(model, test, n, gen, P=1024, chunk=8):
+    """Median over tasks of the effective sample size of P importance weights at context size n."""
+    out = []
+    with torch.no_grad():
+        for part in bench.task_chunks(test, chunk):
+            _, log_w = model.sample(lm.first_n(part, n), P, gen)
+            out.append(1 / torch.softmax(log_w, -1).square().sum(-1))
+    return torch.cat(out).median().item()
+
+
+def main(out, family, seed, *fields):
+    seed = int(seed)
+    overrides = {}
+    for f in fields:
+        k, _, v = f.partition("=")
+        try:
+            overrides[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            overrides[k] = v
+    g = lambda k: torch.Generator().manual_seed(1000 * seed + k)  # noqa: E731
+    fam = tasks.TASKS[family]
+    train, _, _ = tasks.make_tasks(fam, 64, 16, 0.25, g(1))
+    test, _, _ = tasks.make_tasks(fam, 256, 64, 0.25, g(2))
+    test = lm.Batch(*(t[:TASKS] for t in test))
+    cfg = lm.LDVIConfig(**{"sigma_y": 0.25, "log_every": 0, **overrides})
+    model = lm.LDVIMeta(cfg, g(3))
+    t0 = time.perf_counter()
+    model.fit(train, g(4))
+    train_s = time.perf_counter() - t0
+    bayes = bayes_rows(family, seed, test)
+    scores, ms = bench.evaluate(model, test, CONTEXTS, 1024, g(5), 1, progress=False)
+    summary = bench.summaries(scores, test, {n: bayes[n]["exact"] for n in CONTEXTS})
+    row = dict(family=family, seed=seed, config=overrides, train_s=round(train_s, 1), eval_ms_per_task=round(ms, 1),
+               skipped=len(model.skipped_updates))
+    for n in CONTEXTS:
+        row[n] = {k: round(v, 4) for k, v in summary[n].items()}
+        row[n]["ess"] = round(ess(model, test, n, g(6)), 1) if n else 1024.0
+    if cfg.structure == "last":
+        row["hidden_std"] = [round(v, 5) for v in model.hidden_log_std.exp().tolist()]
+        row["mix"] = [round(v, 3) for v in model.last_prior().log_mix.exp().tolist()]
+    line = json.dumps(row)
+    with open(out, "a") as fh:
+        fh.write(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
