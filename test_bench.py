@@ -185,9 +185,10 @@ def test_user_defined_task_family_runs_through_the_same_path(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "quad.json"
     assert bench.main(["--task", "my_tasks:quadratic", "--quick", "--quiet", "--iters", "3", "--contexts", "0,4",
-                       "--methods", "LDVI-overdamped,MAML", "--out", str(out)]) == 0
+                       "--methods", "LDVI-overdamped,MAML,ALPaCA,DeepKernelGP", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert list(parse_table(text)) == ["oracle", "LDVI-overdamped", "MAML"]
+    assert list(parse_table(text)) == ["oracle", "LDVI-overdamped", "MAML", "ALPaCA", "ALPaCA, exact", "DeepKernelGP",
+                                       "DeepKernelGP, exact"]
     assert "no Bayes-optimal rows" in text
     assert json.loads(out.read_text())["config"]["task"] == "my_tasks:quadratic"
 
