@@ -8,11 +8,13 @@ the 10% quantile and the calibration error at each n, the training time and, at 
 median effective sample size of the importance weights of 1024 particles (ESS, from 1 to 1024).
 
     python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last)
+    python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
 """
 import ast
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -61,8 +63,13 @@ def main(out, family, seed, *fields):
     train, _, _ = tasks.make_tasks(fam, 64, 16, 0.25, g(1))
     test, _, _ = tasks.make_tasks(fam, 256, 64, 0.25, g(2))
     test = lm.Batch(*(t[:TASKS] for t in test))
-    cfg = lm.LDVIConfig(**{"sigma_y": 0.25, "log_every": 0, **overrides})
-    model = lm.LDVIMeta(cfg, g(3))
+    if "method" in overrides:  # a baseline, as bench.py configures it
+        args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json")])
+        cls, cfg = bench.method_configs(args)[overrides["method"]]
+        cfg.log_every = 0
+    else:
+        cls, cfg = lm.LDVIMeta, lm.LDVIConfig(**{"sigma_y": 0.25, "log_every": 0, **overrides})
+    model = cls(cfg, g(3))
     t0 = time.perf_counter()
     model.fit(train, g(4))
     train_s = time.perf_counter() - t0
@@ -73,10 +80,19 @@ def main(out, family, seed, *fields):
                skipped=len(model.skipped_updates))
     for n in CONTEXTS:
         row[n] = {k: round(v, 4) for k, v in summary[n].items()}
-        row[n]["ess"] = round(ess(model, test, n, g(6)), 1) if n else 1024.0
-    if cfg.structure == "last":
+        row[n]["ess"] = round(ess(model, test, n, g(6)), 1) if n and cls is lm.LDVIMeta else 1024.0
+    if getattr(cfg, "structure", None) == "last":
+        prior = model.last_prior()
         row["hidden_std"] = [round(v, 5) for v in model.hidden_log_std.exp().tolist()]
-        row["mix"] = [round(v, 3) for v in model.last_prior().log_mix.exp().tolist()]
+        row["mix"] = [round(v, 3) for v in prior.log_mix.exp().tolist()]
+        row["last_std_median"] = [round(v, 4) for v in prior.log_std.exp().median(-1).values.tolist()]
+        row["basis_singular_values"] = [[round(v, 3) for v in torch.linalg.svdvals(b).tolist()]
+                                        for b in prior.basis.detach()]
+    if os.environ.get("SCREEN_MODELS"):  # keep the model for later looks (HMC, priors)
+        os.makedirs(os.environ["SCREEN_MODELS"], exist_ok=True)
+        name = f"{family}_{seed}_" + "_".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ".pt"
+        model.save(os.path.join(os.environ["SCREEN_MODELS"], name), train_s=train_s)
+        row["model"] = name
     line = json.dumps(row)
     with open(out, "a") as fh:
         fh.write(line + "\n")
