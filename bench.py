@@ -79,7 +79,8 @@ def method_configs(args) -> dict:
         "LDVI-underdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="underdamped", **ldvi)),
         "LDVI-overdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **ldvi)),
         "LDVI-K0": (lm.LDVIMeta, lm.LDVIConfig(**{**ldvi, "K": 0})),
-        "LDVI-diagonal": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **{**ldvi, "latent": 0})),
+        "LDVI-all-weights": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **ldvi, **EARLIER_PRIOR)),
+        "LDVI-diagonal": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **{**ldvi, "latent": 0}, **EARLIER_PRIOR)),
         "NP": (bl.NeuralProcess, bl.NPConfig(iters=it["np"], lr=1e-3)),
         "MAML": (bl.MAML, bl.MAMLConfig(iters=it["maml"], lr=1e-3, adapt_steps=5, inner_lr=0.01)),
         "BMAML": (bl.BMAML, bl.BMAMLConfig(iters=it["bmaml"], lr=1e-3, particles=10, chaser_steps=5,
@@ -89,14 +90,17 @@ def method_configs(args) -> dict:
     }
 
 
-METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-diagonal", "NP", "MAML", "BMAML", "ALPaCA",
-           "DeepKernelGP")
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "LDVI-diagonal")  # the ablation: --methods LDVI-diagonal
+METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-all-weights", "LDVI-diagonal", "NP", "MAML",
+           "BMAML", "ALPaCA", "DeepKernelGP")
+ABLATIONS = ("LDVI-all-weights", "LDVI-diagonal")  # not in a default run: --methods LDVI-all-weights,...
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ABLATIONS)
+EARLIER_PRIOR = dict(structure="all", components=1)  # the prior of the earlier versions: the latent moves every weight
 DESCRIPTION = {
     "LDVI-underdamped": "ours: structured prior (r-dim task latent), underdamped kernel",
     "LDVI-overdamped": "ours: structured prior, overdamped kernel",
     "LDVI-K0": "ours with K = 0: amortized mean-field VI, structured prior",
-    "LDVI-diagonal": "ours with the diagonal prior (r = 0), overdamped kernel: ablation",
+    "LDVI-all-weights": "ours with the earlier prior (the latent moves every weight), overdamped kernel: ablation",
+    "LDVI-diagonal": "ours with the earlier prior and r = 0 (a diagonal prior), overdamped kernel: ablation",
     "ALPaCA": "Bayesian linear regression on meta-learned features, exact inference",
     "DeepKernelGP": "GP with an RBF kernel on meta-learned features, exact inference",
 }
@@ -784,8 +788,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=_HelpFormatter)
     p.add_argument("--task", default="sinusoid", help="sinusoid, linesine, or module:function (a task family)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)}; the default leaves out the LDVI-diagonal "
-                        "ablation")
+                   help=f"comma-separated subset of {','.join(METHODS)}; the default leaves out the ablations "
+                        f"{' and '.join(ABLATIONS)}")
     p.add_argument("--meta-tasks", type=int, default=64, help="meta-training tasks")
     p.add_argument("--points", type=int, default=16, help="points per meta-training task")
     p.add_argument("--test-tasks", type=int, default=256, help="test tasks")

@@ -5,11 +5,20 @@ Every task tau has its own weights theta of a small Bayesian neural net f_theta;
 meta-learned prior ties the tasks together. For a context set C the task posterior is
 approximated by one model that serves all tasks:
 
-  1. the prior has a low-dimensional task latent [8]:  theta = B z + theta_res with
-     z ~ N(0, I_r) and theta_res ~ N(mu, diag sigma^2), so that integrated over z
-     theta ~ N(mu, B B^T + diag sigma^2); r = 0 is the plain diagonal prior.
-     The sampler's state is v = (z, theta_res) in R^(r + D) with a diagonal prior;
-  2. a DeepSets encoder [5] maps C to a diagonal Gaussian q0(v | C) = N(m, diag s^2),
+  1. the prior has a low-dimensional task latent z ~ N(0, I_r). Where it acts is the
+     config's `structure`:
+       "all":  on every weight [8], theta = B z + theta_res with theta_res ~ N(mu, diag
+               sigma^2), so theta ~ N(mu, B B^T + diag sigma^2) (r = 0: a diagonal prior);
+               the sampler's state is v = (z, theta_res) with a diagonal prior;
+       "last": on the last layer only, whose prior is then Gaussian, N(M, B B^T + diag s^2),
+               or a mixture of such Gaussians (`components`); the hidden layers' weights
+               have a diagonal prior with one std per layer. Given the hidden layers the
+               last layer is conjugate [9, 10], so it is integrated out exactly (Rao-
+               Blackwellization [12]): the sampler's state v is the hidden layers' weights,
+               its target has the last layer's closed-form evidence as its likelihood, and
+               each particle's last layer is drawn from its exact conditional [11];
+  2. a DeepSets encoder [5] maps C to a diagonal Gaussian q0(v | C) = N(m, diag s^2)
+     (an empty context skips 2-3: the posterior is the prior, drawn exactly, log w = 0),
   3. K learned Langevin-diffusion steps, run in the whitened coordinates
      u = (v - m) / s, move the q0 samples towards the posterior p(v | C),
   4. every particle carries a log importance weight log w whose mean is the augmented

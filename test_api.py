@@ -272,12 +272,12 @@ def truncated_model(tmp):
 
 
 def old_format_model(tmp):
-    """A file as an earlier version wrote it: no task-latent basis in the weights."""
+    """A file as an earlier version wrote it: one of today's weights missing."""
     path = str(tmp / "m.pt")
     model = models()["LDVI"]
     model.save(path)
     obj = torch.load(path, weights_only=True)
-    del obj["state_dict"]["basis"]
+    del obj["state_dict"]["prior_mean"]
     torch.save(obj, path)
     return path
 

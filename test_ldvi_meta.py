@@ -51,7 +51,8 @@ def sinusoid_batch(T, N, g, dtype=torch.float32):
 
 def small_model(g, **kw):
     cfg = dict(hidden=(8, 8), enc_hidden=16, enc_dim=8, K=3, latent=3, particles=4, tasks_per_batch=4, log_every=0,
-               kernel="underdamped", sigma_y=0.5, learn_sigma_y=True, lr=1e-3, lr_final=1.0)
+               kernel="underdamped", sigma_y=0.5, learn_sigma_y=True, lr=1e-3, lr_final=1.0, structure="all",
+               components=1)
     cfg.update(kw)
     return LDVIMeta(LDVIConfig(**cfg), g)
 
