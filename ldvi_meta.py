@@ -143,6 +143,7 @@ class LDVIConfig:
     hidden_std: float = 0.01          # "last": prior std of the hidden-layer weights, one per layer (initial value)
     learn_hidden_std: bool = True     # "last": meta-learn those stds (False: fixed at hidden_std)
     components: int = 1               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
+    learn_mix: bool = True            # "last": meta-learn the mixture's weights (False: fixed equal weights)
     kernel: str = "overdamped"        # "overdamped" or "underdamped" diffusion kernel
     K: int = 5                        # number of diffusion steps (0 = amortized mean-field VI)
     step_init: float = 0.05           # initial step size h_k (small: training starts near mean-field VI)
@@ -178,7 +179,7 @@ class LDVIConfig:
         _require(self.structure in STRUCTURES, "structure", f"one of {STRUCTURES}", self.structure)
         _require_fields(self, ("components",), *INT_GE1)
         _require_fields(self, ("hidden_std",), *POSITIVE)
-        _require_fields(self, ("learn_hidden_std",), *BOOL)
+        _require_fields(self, ("learn_hidden_std", "learn_mix"), *BOOL)
         if self.structure == "last":
             _require(len(self.hidden) >= 1, "hidden", "at least one hidden layer with structure = 'last'", self.hidden)
             _require(not self.latent_hidden, "latent_hidden", "0 with structure = 'last' (the last layer is linear "
@@ -882,7 +883,8 @@ class LDVIMeta(SaveLoad, nn.Module):
         self.last_mean = nn.Parameter(torch.stack([self.last_matrix(w[Dh:]) for w in inits]))  # [M, H1, dy]
         self.last_log_std = nn.Parameter(torch.full((M, H1), math.log(cfg.prior_std_init)))    # [M, H1]
         self.last_basis = nn.Parameter(cfg.latent_init * torch.randn(M, H1, cfg.latent, generator=gen))  # [M, H1, r]
-        self.mix_logits = nn.Parameter(torch.zeros(M))                           # log pi up to a constant
+        logits = torch.zeros(M)                                                  # log pi up to a constant
+        self.mix_logits = nn.Parameter(logits) if cfg.learn_mix else nn.Buffer(logits)
 
     def last_matrix(self, w: torch.Tensor) -> torch.Tensor:
         """The last layer's flat weights [..., H dy + dy] (the BNN's layout: W, then b) as [..., H + 1, dy]."""

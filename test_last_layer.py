@@ -240,8 +240,10 @@ def test_training_raises_the_elbo_and_save_load_round_trips(tmp_path):
     ctx = lm.first_n(data, 3)
     a, b = model.predictive(ctx, data.x, 6, gen(28)), back.predictive(ctx, data.x, 6, gen(28))
     assert torch.equal(a[0], b[0])
-    fixed = last_model(gen(29), learn_hidden_std=False)
-    assert "hidden_log_std" not in dict(fixed.named_parameters()) and "hidden_log_std" in fixed.state_dict()
+    fixed = last_model(gen(29), learn_hidden_std=False, components=3, learn_mix=False)
+    for name in ("hidden_log_std", "mix_logits"):  # fixed, but saved with the model
+        assert name not in dict(fixed.named_parameters()) and name in fixed.state_dict()
+    assert torch.allclose(fixed.last_prior().log_mix.exp(), torch.full((3,), 1 / 3))
 
 
 def test_the_hmc_gold_standard_runs_on_the_collapsed_target():
@@ -256,7 +258,7 @@ def test_the_hmc_gold_standard_runs_on_the_collapsed_target():
     (dict(structure="middle"), "structure"), (dict(components=0), "components"),
     (dict(components=2, structure="all"), "components"), (dict(structure="last", hidden=()), "hidden"),
     (dict(structure="last", latent_hidden=4), "latent_hidden"), (dict(hidden_std=0), "hidden_std"),
-    (dict(learn_hidden_std="yes"), "learn_hidden_std"),
+    (dict(learn_hidden_std="yes"), "learn_hidden_std"), (dict(learn_mix=0), "learn_mix"),
 ])
 def test_bad_structure_settings_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name):
