@@ -9,6 +9,9 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
 
     python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
+    python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
+        (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
+        of the 64 tasks at n = 1, 2, 4: the inference gap ours - HMC, the split R-hat and the acceptance)
 """
 import ast
 import json
@@ -63,21 +66,26 @@ def main(out, family, seed, *fields):
     train, _, _ = tasks.make_tasks(fam, 64, 16, 0.25, g(1))
     test, _, _ = tasks.make_tasks(fam, 256, 64, 0.25, g(2))
     test = lm.Batch(*(t[:TASKS] for t in test))
-    if "method" in overrides:  # a baseline, as bench.py configures it
+    gold = overrides.pop("gold", 0)
+    if "load" in overrides:  # a model saved by an earlier screening run: its config, no training
+        model = lm.LDVIMeta.load(overrides["load"])
+        cls, cfg, train_s = lm.LDVIMeta, model.cfg, 0.0
+    elif "method" in overrides:  # a baseline, as bench.py configures it
         args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json")])
         cls, cfg = bench.method_configs(args)[overrides["method"]]
         cfg.log_every = 0
     else:
         cls, cfg = lm.LDVIMeta, lm.LDVIConfig(**{"sigma_y": 0.25, "log_every": 0, **overrides})
-    model = cls(cfg, g(3))
-    t0 = time.perf_counter()
-    model.fit(train, g(4))
-    train_s = time.perf_counter() - t0
+    if "load" not in overrides:
+        model = cls(cfg, g(3))
+        t0 = time.perf_counter()
+        model.fit(train, g(4))
+        train_s = time.perf_counter() - t0
     bayes = bayes_rows(family, seed, test)
     scores, ms = bench.evaluate(model, test, CONTEXTS, 1024, g(5), 1, progress=False)
     summary = bench.summaries(scores, test, {n: bayes[n]["exact"] for n in CONTEXTS})
     row = dict(family=family, seed=seed, config=overrides, train_s=round(train_s, 1), eval_ms_per_task=round(ms, 1),
-               skipped=len(model.skipped_updates))
+               skipped=len(getattr(model, "skipped_updates", [])))
     for n in CONTEXTS:
         row[n] = {k: round(v, 4) for k, v in summary[n].items()}
         row[n]["ess"] = round(ess(model, test, n, g(6)), 1) if n and cls is lm.LDVIMeta else 1024.0
@@ -88,7 +96,18 @@ def main(out, family, seed, *fields):
         row["last_std_median"] = [round(v, 4) for v in prior.log_std.exp().median(-1).values.tolist()]
         row["basis_singular_values"] = [[round(v, 3) for v in torch.linalg.svdvals(b).tolist()]
                                         for b in prior.basis.detach()]
-    if os.environ.get("SCREEN_MODELS"):  # keep the model for later looks (HMC, priors)
+    if gold:  # bench.py's gold standard on the first `gold` tasks, with the benchmark's HMC settings
+        args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json"), "--gold", str(gold)])
+        args.contexts, args.quiet = [1, 2, 4], True
+        per_task = {"ours": {n: scores[n]["lmlhd"] for n in CONTEXTS},
+                    "Bayes-optimal": {n: bayes[n]["exact"] for n in CONTEXTS}}
+        rows = {}
+        bench.gold_rows(args, rows, {"ours": model}, per_task, test, g(8), seed)
+        r = rows["gold: ours"]
+        row["gold"] = {k: r[k] for k in ("status", "tasks", "inference_gap", "model_gap", "ours_on_gold_tasks",
+                                         "rhat_median", "accept_median", "train_s") if k in r}
+        row["gold"]["hmc_lmlhd"] = {n: s["lmlhd"] for n, s in r["scores"].items()} if "scores" in r else None
+    if os.environ.get("SCREEN_MODELS") and "load" not in overrides:  # keep the model for later looks (HMC, priors)
         os.makedirs(os.environ["SCREEN_MODELS"], exist_ok=True)
         name = f"{family}_{seed}_" + "_".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ".pt"
         model.save(os.path.join(os.environ["SCREEN_MODELS"], name), train_s=train_s)
