@@ -94,7 +94,7 @@ METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-all-weights",
            "BMAML", "ALPaCA", "DeepKernelGP")
 ABLATIONS = ("LDVI-all-weights", "LDVI-diagonal")  # not in a default run: --methods LDVI-all-weights,...
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ABLATIONS)
-EARLIER_PRIOR = dict(structure="all", components=1)  # the prior of the earlier versions: the latent moves every weight
+EARLIER_PRIOR = dict(structure="all", components=1, prior_std_init=0.1)  # the earlier prior: the latent moves every weight
 DESCRIPTION = {
     "LDVI-underdamped": "ours: structured prior (r-dim task latent), underdamped kernel",
     "LDVI-overdamped": "ours: structured prior, overdamped kernel",

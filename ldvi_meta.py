@@ -138,17 +138,18 @@ class LDVIConfig:
     latent: int = 8                   # r, dimension of the task latent z in the prior (0: diagonal prior)
     latent_init: float = 1e-3         # B starts at latent_init * N(0, 1) entries
     latent_hidden: int = 0            # h > 0: theta = B relu(A z + a) + theta_res, a nonlinear map of z (0: B z)
-    structure: str = "all"            # "all": the latent moves every weight; "last": only the last layer, which is
-                                      # then Gaussian given the hidden layers and integrated out exactly
-    hidden_std: float = 0.01          # "last": prior std of the hidden-layer weights, one per layer (initial value)
-    learn_hidden_std: bool = True     # "last": meta-learn those stds (False: fixed at hidden_std)
-    components: int = 1               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
+    structure: str = "last"           # "last": the latent acts on the last layer only, which is then Gaussian
+                                      # given the hidden layers and integrated out exactly; "all": every weight
+    hidden_std: float = 1e-3          # "last": prior std of the hidden-layer weights, one per layer (initial value)
+    learn_hidden_std: bool = False    # "last": meta-learn those stds (False: fixed at hidden_std)
+    components: int = 2               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
     learn_mix: bool = True            # "last": meta-learn the mixture's weights (False: fixed equal weights)
     kernel: str = "overdamped"        # "overdamped" or "underdamped" diffusion kernel
     K: int = 5                        # number of diffusion steps (0 = amortized mean-field VI)
     step_init: float = 0.05           # initial step size h_k (small: training starts near mean-field VI)
     refresh_init: float = 0.8         # initial momentum refresh factor c_k (underdamped)
-    prior_std_init: float = 0.1       # initial std sigma of the residual weights in the prior
+    prior_std_init: float = 1e-3      # initial std sigma of the residual weights in the prior ("last": of the
+                                      # last layer's diagonal part s)
     sigma_y: float = 0.25             # observation noise std: SET IT to your data's (initial value when learned)
     learn_sigma_y: bool = False       # meta-learn sigma_y (a learned one absorbs misfit as noise: worse here)
     tamed: bool = True                # drive the diffusion with the tamed score (see tame)
