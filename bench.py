@@ -96,9 +96,10 @@ ABLATIONS = ("LDVI-all-weights", "LDVI-diagonal")  # not in a default run: --met
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ABLATIONS)
 EARLIER_PRIOR = dict(structure="all", components=1, prior_std_init=0.1)  # the earlier prior: the latent moves every weight
 DESCRIPTION = {
-    "LDVI-underdamped": "ours: structured prior (r-dim task latent), underdamped kernel",
-    "LDVI-overdamped": "ours: structured prior, overdamped kernel",
-    "LDVI-K0": "ours with K = 0: amortized mean-field VI, structured prior",
+    "LDVI-underdamped": "ours: last-layer prior (a 2-component mixture with an r-dim task latent, integrated out "
+                        "exactly given the hidden layers), underdamped kernel",
+    "LDVI-overdamped": "ours: last-layer prior, overdamped kernel",
+    "LDVI-K0": "ours with K = 0: amortized mean-field VI on the hidden layers, last-layer prior",
     "LDVI-all-weights": "ours with the earlier prior (the latent moves every weight), overdamped kernel: ablation",
     "LDVI-diagonal": "ours with the earlier prior and r = 0 (a diagonal prior), overdamped kernel: ablation",
     "ALPaCA": "Bayesian linear regression on meta-learned features, exact inference",
