@@ -94,7 +94,7 @@ METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-all-weights",
            "BMAML", "ALPaCA", "DeepKernelGP")
 ABLATIONS = ("LDVI-all-weights", "LDVI-diagonal")  # not in a default run: --methods LDVI-all-weights,...
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ABLATIONS)
-EARLIER_PRIOR = dict(structure="all", components=1, prior_std_init=0.1)  # the earlier prior: the latent moves every weight
+EARLIER_PRIOR = dict(structure="all", components=1, prior_std_init=0.1)  # the earlier prior: the latent moves all weights
 DESCRIPTION = {
     "LDVI-underdamped": "ours: last-layer prior (a 2-component mixture with an r-dim task latent, integrated out "
                         "exactly given the hidden layers), underdamped kernel",
