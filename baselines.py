@@ -47,10 +47,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldvi_meta import (INT_GE0, INT_GE1, POSITIVE, SAMPLE_BLOCK, WIDTHS, BOOL, BNN, LOG_2PI, Batch, SaveLoad,
-                       SetEncoder, _is_real, _require, _require_fields, check_compatible, check_generator, check_inputs,
-                       check_samples, check_training_data, finite, gaussian_log_evidence, gaussian_loglik, make_batch,
-                       mlp, noisy_gram, randn, random_subset, safe_cholesky, task_minibatch, train_loop)
+from common import (BOOL, INT_GE0, INT_GE1, POSITIVE, WIDTHS, Batch, SaveLoad, _is_real, _require, _require_fields,
+                    check_compatible, check_generator, check_inputs, check_samples, check_training_data, finite,
+                    make_batch, random_subset, task_minibatch, train_loop)
+from ldvi_meta import (BNN, LOG_2PI, SAMPLE_BLOCK, SetEncoder, gaussian_log_evidence, gaussian_loglik, mlp, noisy_gram,
+                       randn, safe_cholesky)
 
 
 @dataclass

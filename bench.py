@@ -59,6 +59,7 @@ from dataclasses import asdict
 import torch
 
 import baselines as bl
+import common
 import ldvi_meta as lm
 from gold import Gold
 from tasks import TASKS, bayes_optimal, linesine, make_tasks, sinusoid  # noqa: F401 (re-exported)
@@ -463,7 +464,7 @@ def table(agg: dict, contexts, test_points: int) -> str:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    lm.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1))
+    common.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1))
 
 
 def save_figure(fig, path: str, tight: bool = True) -> None:
@@ -471,7 +472,7 @@ def save_figure(fig, path: str, tight: bool = True) -> None:
     import matplotlib.pyplot as plt
     if tight:
         fig.tight_layout()
-    lm.write_atomic(path, lambda fh: fig.savefig(fh, format=os.path.splitext(path)[1][1:].lower(), dpi=80), mode="wb")
+    common.write_atomic(path, lambda fh: fig.savefig(fh, format=os.path.splitext(path)[1][1:].lower(), dpi=80), mode="wb")
     plt.close(fig)
 
 
@@ -655,14 +656,30 @@ def speed(args, device) -> dict:
     return out
 
 
+def load_checkout(folder: str):
+    """The ldvi_meta.py of another checkout in folder, as a module of its own. If it imports common,
+    it gets that checkout's common.py (or this one's, if the checkout has none); this process's
+    own modules are left as they were."""
+    spec = importlib.util.spec_from_file_location("ldvi_meta_baseline", os.path.join(folder, "ldvi_meta.py"))
+    old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    ours, folder = sys.modules.pop("common", None), os.path.abspath(folder)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(old)
+    finally:
+        sys.path.remove(folder)
+        sys.modules.pop("common", None)
+        if ours is not None:
+            sys.modules["common"] = ours
+    return old
+
+
 def against_baseline(args, device, train, test, n: int, timed, rounds: int = 5) -> dict:
     """Ours (both kernels, the flags' K and r) against the ldvi_meta.py of the checkout args.baseline:
     the old and the new model take turns, `rounds` times, each timing 5 training iterations and one
     evaluation of every test task (the old one as its benchmark ran it: chunks in turn on torch's
     threads; the new one with this evaluate). Medians and their ratio old / new."""
-    spec = importlib.util.spec_from_file_location("ldvi_meta_baseline", os.path.join(args.baseline, "ldvi_meta.py"))
-    old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-    spec.loader.exec_module(old)
+    old = load_checkout(args.baseline)
     S, chunk = args.samples, args.chunk
 
     def old_eval(model):
@@ -727,11 +744,11 @@ def vmap_maml_loss(model: bl.MAML, ctx: lm.Batch, batch: lm.Batch) -> torch.Tens
 
 def train_step(model, train, g, loss_fn=None):
     """One meta-training iteration (loss, backward) of any method, without the optimizer."""
-    batch = lm.task_minibatch(train, model.cfg.tasks_per_batch, g)
+    batch = common.task_minibatch(train, model.cfg.tasks_per_batch, g)
     if isinstance(model, (lm.LDVIMeta, bl.GaussianModel)):
         loss = model.loss(batch, g)
     else:
-        loss = (loss_fn or model.loss)(lm.random_subset(batch, g, model.cfg.min_context), batch, g)
+        loss = (loss_fn or model.loss)(common.random_subset(batch, g, model.cfg.min_context), batch, g)
     loss.backward()
 
 
@@ -1005,7 +1022,7 @@ FLAG_OF_FIELD = dict(K="--K", latent="--latent", iters="--iters", sigma_y="--noi
 def check_saved_config(path: str, name: str, args) -> None:
     """Raise ValueError naming the flag and both values if the model saved in path was trained with
     another configuration than these flags give (its rows would be mislabelled otherwise)."""
-    obj = lm.SaveLoad.read(path)
+    obj = common.SaveLoad.read(path)
     saved, configs = obj["config"], method_configs(args)
     plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     differs = lambda cfg: [f for f, want in asdict(cfg).items()  # noqa: E731
@@ -1158,7 +1175,7 @@ def main(argv=None) -> int:
     print(report)
     write_json_atomic(args.out, dict(config=config, complete=True, results=agg, per_seed=per_seed))
     md = os.path.splitext(args.out)[0] + ".md"
-    lm.write_atomic(md, lambda fh: fh.write(report + "\n"))
+    common.write_atomic(md, lambda fh: fh.write(report + "\n"))
     if os.path.exists(partial):
         os.unlink(partial)
     written = [args.out, md] + args.written

@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+import common
 import ldvi_meta as lm
 
 
@@ -128,4 +129,4 @@ class Gold:
             keep = torch.linspace(0, C * N - 1, S).round().long()                    # S of the C * N kept draws
             v = v.transpose(1, 2).reshape(T, N * C, Dv)[:, keep]                     # [T, S, r + D]
             self.stats[n] = dict(accept=acc.tolist(), rhat_loglik=split_rhat(trace).tolist())
-            return lm.finite(model.bnn(model.weights(v, ctx, gen), x_target), "gold"), model.sigma_y
+            return common.finite(model.bnn(model.weights(v, ctx, gen), x_target), "gold"), model.sigma_y

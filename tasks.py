@@ -46,6 +46,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from common import Batch, check_generator, make_batch
+
 AMP, PHASE, SLOPE = (0.1, 5.0), (0.0, math.pi), 3.0   # sinusoid amplitude / phase ranges, line a, b ~ U[-3, 3]
 LOG_2PI = math.log(2 * math.pi)
 MIN_ESS = 30.0  # fewer effective importance draws than this: the exact rows would be noise, so they fail
@@ -77,7 +79,6 @@ def make_tasks(family, T: int, N: int, noise: float, gen: torch.Generator):
 
     Raises ValueError, naming the family, unless it is callable and its f returns a finite
     [T, N, 1] tensor of the inputs' dtype."""
-    from ldvi_meta import check_generator, make_batch
     name = getattr(family, "__name__", repr(family))
     check_generator(gen)
     if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and math.isfinite(noise) and noise > 0):
@@ -244,7 +245,6 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
             out[n]["draws"].append(torch.logsumexp(ll, -1) - math.log(S))
             out[n]["draws_mse"].append(((f.mean(1) - yt) ** 2 * m).sum(-1) / m.sum(-1))
             if cover:
-                from ldvi_meta import Batch
                 out[n]["draws_cover"].append(cover(f.unsqueeze(-1), noise, Batch(x, y, mask)))
     return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in out.items()}
 

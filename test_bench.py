@@ -346,6 +346,21 @@ def test_speed_runs_with_several_tasks_per_chunk(tmp_path):
     assert result["methods"]["LDVI-K0"]["train_matmul_gflop_per_iter"] > 0
 
 
+def test_an_old_checkout_gets_its_own_common_module(tmp_path):
+    # --speed --baseline loads another checkout's ldvi_meta.py; if that one imports common, it must get
+    # the other checkout's common.py, and this process must keep its own
+    import common
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "common.py").write_text("WHOSE = 'the old checkout'\n")
+    (old / "ldvi_meta.py").write_text("from common import WHOSE\n")
+    assert bench.load_checkout(str(old)).WHOSE == "the old checkout"
+    assert sys.modules["common"] is common and not hasattr(common, "WHOSE")
+    (tmp_path / "older").mkdir()  # a checkout from before common.py: a module of its own
+    (tmp_path / "older" / "ldvi_meta.py").write_text("KERNELS = ('overdamped',)\n")
+    assert bench.load_checkout(str(tmp_path / "older")).KERNELS == ("overdamped",)
+
+
 def test_quick_caps_every_size_and_says_what_it_changed(tmp_path):
     args = bench.parse_args(["--quick", "--iters", "500", "--samples", "4", "--out", str(tmp_path / "r.json")])
     assert set(args.iters.values()) == {15} and args.samples == 4
