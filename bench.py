@@ -561,7 +561,8 @@ def plot_headline(path: str, results: dict) -> None:
             std = [row["scores"][str(n)]["lmlhd"]["std"] for n in ns]
             ref = name in ("oracle", "Bayes-optimal")
             style = dict(color="k", ls=":" if name == "oracle" else "--", lw=1.5) if ref else \
-                dict(marker="o", ms=4, lw=2 if name == "LDVI-overdamped" else 1.2)
+                dict(marker="o", ms=4, lw=2 if name == "LDVI-overdamped" else 1.2,
+                     ls="--" if name in ABLATIONS else "-")  # an ablation of ours: dashed
             ax.errorbar(ns, mean, yerr=std if seeds > 1 and not ref else None, label=name, capsize=2, **style)
         ax.set_yscale("symlog", linthresh=20)
         ax.set_xlabel("context size n (points seen)")
@@ -570,9 +571,10 @@ def plot_headline(path: str, results: dict) -> None:
                      "; higher is better", fontsize=10)
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    rows = math.ceil(len(labels) / 7)  # at most 7 entries a row
+    fig.legend(handles, labels, loc="lower center", ncol=math.ceil(len(labels) / rows), fontsize=8, frameon=False)
     fig.suptitle("Log marginal predictive likelihood of 64 target points against the context size", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 1))
     save_figure(fig, path, tight=False)
 
 
