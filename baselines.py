@@ -47,9 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (BOOL, INT_GE0, INT_GE1, POSITIVE, WIDTHS, Batch, SaveLoad, _is_real, _require, _require_fields,
-                    check_compatible, check_generator, check_inputs, check_samples, check_training_data, finite,
-                    make_batch, random_subset, task_minibatch, train_loop)
+from ldvi_meta import (BOOL, INT_GE0, INT_GE1, MIN_SIGMA_Y, POSITIVE, WIDTHS, Batch, SaveLoad, _is_real, _require,
+                       _require_fields, check_batch, check_compatible, check_generator, check_inputs, check_samples,
+                       check_training_data, finite, make_batch, random_subset, task_minibatch, train_loop)
 from ldvi_meta import (BNN, LOG_2PI, SAMPLE_BLOCK, SetEncoder, gaussian_log_evidence, gaussian_loglik, mlp, noisy_gram,
                        randn, safe_cholesky)
 
@@ -390,6 +390,19 @@ class GaussianConfig:
         _require_fields(self, ("sigma_y", "jitter", "lr", "clip"), *POSITIVE)
         _require_fields(self, ("learn_sigma_y",), *BOOL)
         _require(_is_real(self.lr_final) and 0 < self.lr_final <= 1, "lr_final", "a number in (0, 1]", self.lr_final)
+        _require(self.sigma_y >= MIN_SIGMA_Y, "sigma_y", f"a noise std >= {MIN_SIGMA_Y:g} (K + sigma_y^2 I must "
+                 "stay positive definite in float64 when inputs repeat; rescale the data instead)", self.sigma_y)
+
+
+def noise_cholesky(A: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of A = K + sigma_y^2 I, or FloatingPointError naming sigma_y (a learned
+    sigma_y that has shrunk, or inputs that repeat, can leave A singular in float64)."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        raise FloatingPointError(f"sigma_y: K + sigma_y^2 I is not positive definite at sigma_y = "
+                                 f"{float(noise_var) ** 0.5:.3g} (repeated or nearly repeated inputs need a larger "
+                                 "sigma_y)")
+    return L
 
 
 class GaussianModel(SaveLoad, nn.Module):
@@ -456,7 +469,7 @@ class GaussianModel(SaveLoad, nn.Module):
         r = self.residual(ctx)                                                 # [T, N, dy]
         P = (self.phi(ctx.x) * ctx.mask.unsqueeze(-1)) @ L                     # [T, N, d]
         eye = torch.eye(L.shape[0], dtype=P.dtype, device=P.device)            # [d, d]
-        R = torch.linalg.cholesky(eye + P.transpose(-1, -2) @ P / s2)          # chol M  [T, d, d]
+        R = noise_cholesky(eye + P.transpose(-1, -2) @ P / s2, s2)          # chol M  [T, d, d]
         b = P.transpose(-1, -2) @ r / s2                                       # [T, d, dy]
         return L, R, torch.cholesky_solve(b, R), b, r
 
@@ -472,7 +485,7 @@ class GaussianModel(SaveLoad, nn.Module):
             logdet = n * s2.log() + 2 * R.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # [T]
             return -0.5 * quad - 0.5 * dy * (logdet + n * LOG_2PI)
         A = noisy_gram(self.kernel(data.x, data.x), data.mask, s2)             # [T, N, N]
-        return gaussian_log_evidence(torch.linalg.cholesky(A), self.residual(data), n)
+        return gaussian_log_evidence(noise_cholesky(A, s2), self.residual(data), n)
 
     def loss(self, batch: Batch, gen=None) -> torch.Tensor:
         """Negative log evidence per point, averaged over the tasks of the minibatch."""
@@ -499,7 +512,7 @@ class GaussianModel(SaveLoad, nn.Module):
         ctx, x_target = self._checked(ctx, x_target)
         with torch.no_grad():
             A = noisy_gram(self.kernel(ctx.x, ctx.x), ctx.mask, self.noise_var())      # [T, N, N]
-            Lc = torch.linalg.cholesky(A)                                              # [T, N, N]
+            Lc = noise_cholesky(A, self.noise_var())                                   # [T, N, N]
             Ktc = self.kernel(x_target, ctx.x) * ctx.mask.unsqueeze(-2)                # [T, M, N]
             mean = self.mean(x_target) + Ktc @ torch.cholesky_solve(self.residual(ctx), Lc)  # [T, M, dy]
             W = torch.linalg.solve_triangular(Lc, Ktc.transpose(-1, -2), upper=False)   # Lc^-1 Kct  [T, N, M]
@@ -509,12 +522,13 @@ class GaussianModel(SaveLoad, nn.Module):
     def exact_log_predictive(self, ctx: Batch, target: Batch) -> torch.Tensor:
         """log N(y_target; mean, cov + sigma_y^2 I) per task [T]: the S = infinity value of the
         benchmark's LMLHD for this model (the joint density of all real targets)."""
-        target = make_batch(*target, name="target")
+        target = check_batch(target, "target")
         mean, cov = self.exact_predictive(ctx, target.x)
         with torch.no_grad():
             A = noisy_gram(cov, target.mask, self.noise_var())                        # [T, M, M]
             r = (target.y.double() - mean) * target.mask.unsqueeze(-1)                 # [T, M, dy]
-            return gaussian_log_evidence(torch.linalg.cholesky(A), r, target.counts.double()).to(target.y.dtype)
+            L = noise_cholesky(A, self.noise_var())                                    # [T, M, M]
+            return gaussian_log_evidence(L, r, target.counts.double()).to(target.y.dtype)
 
     def predictive(self, ctx: Batch, x_target, S: int, gen: torch.Generator):
         """S joint draws of m + f at the targets, mean [T, S, M, dy], and sigma_y. Linear kernel:

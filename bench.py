@@ -59,7 +59,6 @@ from dataclasses import asdict
 import torch
 
 import baselines as bl
-import common
 import ldvi_meta as lm
 from gold import Gold
 from tasks import TASKS, bayes_optimal, linesine, make_tasks, sinusoid  # noqa: F401 (re-exported)
@@ -464,7 +463,7 @@ def table(agg: dict, contexts, test_points: int) -> str:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    common.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1))
+    lm.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1))
 
 
 def save_figure(fig, path: str, tight: bool = True) -> None:
@@ -472,7 +471,7 @@ def save_figure(fig, path: str, tight: bool = True) -> None:
     import matplotlib.pyplot as plt
     if tight:
         fig.tight_layout()
-    common.write_atomic(path, lambda fh: fig.savefig(fh, format=os.path.splitext(path)[1][1:].lower(), dpi=80), mode="wb")
+    lm.write_atomic(path, lambda fh: fig.savefig(fh, format=os.path.splitext(path)[1][1:].lower(), dpi=80), mode="wb")
     plt.close(fig)
 
 
@@ -660,7 +659,7 @@ def speed(args, device) -> dict:
 
 def load_checkout(folder: str):
     """The ldvi_meta.py of another checkout in folder, as a module of its own. If it imports common,
-    it gets that checkout's common.py (or this one's, if the checkout has none); this process's
+    it gets that checkout's common.py (code from before ldvi_meta.py stood alone again); this process's
     own modules are left as they were."""
     spec = importlib.util.spec_from_file_location("ldvi_meta_baseline", os.path.join(folder, "ldvi_meta.py"))
     old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
@@ -746,11 +745,11 @@ def vmap_maml_loss(model: bl.MAML, ctx: lm.Batch, batch: lm.Batch) -> torch.Tens
 
 def train_step(model, train, g, loss_fn=None):
     """One meta-training iteration (loss, backward) of any method, without the optimizer."""
-    batch = common.task_minibatch(train, model.cfg.tasks_per_batch, g)
+    batch = lm.task_minibatch(train, model.cfg.tasks_per_batch, g)
     if isinstance(model, (lm.LDVIMeta, bl.GaussianModel)):
         loss = model.loss(batch, g)
     else:
-        loss = (loss_fn or model.loss)(common.random_subset(batch, g, model.cfg.min_context), batch, g)
+        loss = (loss_fn or model.loss)(lm.random_subset(batch, g, model.cfg.min_context), batch, g)
     loss.backward()
 
 
@@ -981,8 +980,9 @@ def check_family(args) -> None:
     (a, clean_a, _), (b, clean_b, _) = draws
     if not (torch.equal(clean_a, clean_b) and torch.equal(a.y, b.y)):
         raise ValueError(f"--task {args.task}: two draws from equal generator seeds gave different tasks, so the "
-                         "family uses a random source other than the generator it is passed (numpy's or Python's "
-                         "global one?) and no run could be repeated; draw every random number from it, e.g. "
+                         "family draws from a random source other than the generator it is passed (torch's global "
+                         "generator, e.g. a torch.rand without generator=gen, or numpy's or Python's) and no run "
+                         "could be repeated; draw every random number from gen, e.g. "
                          "torch.rand(T, 1, 1, generator=gen, device=gen.device)")
     _, clean, _ = make_tasks(args.family, 64, 16, 1.0, torch.Generator().manual_seed(1))
     scale = clean.double().square().mean().sqrt().item()  # RMS of the noise-free functions
@@ -1024,7 +1024,7 @@ FLAG_OF_FIELD = dict(K="--K", latent="--latent", iters="--iters", sigma_y="--noi
 def check_saved_config(path: str, name: str, args) -> None:
     """Raise ValueError naming the flag and both values if the model saved in path was trained with
     another configuration than these flags give (its rows would be mislabelled otherwise)."""
-    obj = common.SaveLoad.read(path)
+    obj = lm.read_model_file(path)
     saved, configs = obj["config"], method_configs(args)
     plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     differs = lambda cfg: [f for f, want in asdict(cfg).items()  # noqa: E731
@@ -1035,12 +1035,18 @@ def check_saved_config(path: str, name: str, args) -> None:
         raise ValueError(f"--load-dir: {path} should hold the {name} model but holds "
                          f"{'the ' + holds[0] + ' model' if holds else 'a saved ' + obj['method']}; the benchmark "
                          f"reads <task>_seed<S>_<method>.pt, so put each model under its own method's name")
-    for field, want in asdict(configs[name][1]).items():
-        have = saved.get(field, "missing")
-        if field != "log_every" and plain(have) != plain(want):
-            flag = FLAG_OF_FIELD.get(field, "the benchmark's settings")
-            raise ValueError(f"--load-dir: {name} in {path} was trained with {field} = {have!r}, but {flag} "
-                             f"gives {field} = {want!r}; pass the flags it was trained with, or retrain")
+    wrong = [(f, saved.get(f, "missing"), want) for f, want in asdict(configs[name][1]).items()
+             if f != "log_every" and plain(saved.get(f, "missing")) != plain(want)]
+    unflagged = [w for w in wrong if w[0] not in FLAG_OF_FIELD]
+    if unflagged:  # no flag sets these: another method's model, or one trained by other code
+        field, have, want = unflagged[0]
+        raise ValueError(f"--load-dir: {path} should hold the {name} model, but its {field} = {have!r} where "
+                         f"{name} has {field} = {want!r}, and no flag sets {field}: it is another method's model "
+                         "(the benchmark reads <task>_seed<S>_<method>.pt) or was trained by other code; retrain")
+    for field, have, want in wrong:
+        raise ValueError(f"--load-dir: {name} in {path} was trained with {field} = {have!r}, but "
+                         f"{FLAG_OF_FIELD[field]} gives {field} = {want!r}; pass the flags it was trained with, "
+                         "or retrain")
 
 
 def run_config(args, device) -> dict:
@@ -1177,7 +1183,7 @@ def main(argv=None) -> int:
     print(report)
     write_json_atomic(args.out, dict(config=config, complete=True, results=agg, per_seed=per_seed))
     md = os.path.splitext(args.out)[0] + ".md"
-    common.write_atomic(md, lambda fh: fh.write(report + "\n"))
+    lm.write_atomic(md, lambda fh: fh.write(report + "\n"))
     if os.path.exists(partial):
         os.unlink(partial)
     written = [args.out, md] + args.written

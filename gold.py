@@ -23,7 +23,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-import common
 import ldvi_meta as lm
 
 
@@ -67,6 +66,9 @@ def hmc(target: Callable, v0, inv_mass, gen, warmup: int = 200, draws: int = 100
     [T, C, draws] of trace(v) -> [T, C] (default log gamma) for convergence checks, mean
     acceptance after warm-up [T])."""
     T, C, D = v0.shape
+    for name, v, lo in (("warmup", warmup, 0), ("draws", draws, 1), ("n_leapfrog", n_leapfrog, 1), ("thin", thin, 1)):
+        lm._require(lm._is_int(v) and v >= lo, name, f"an integer >= {lo}", v)
+    lm._require(thin <= draws, "thin", f"at most draws = {draws} (every thin-th of the draws is kept)", thin)
     state = HMCState(v0, *target(v0))
     log_eps = torch.full((T, 1, 1), math.log(0.1 / math.sqrt(D)), dtype=v0.dtype, device=v0.device)
     mu, h_bar, log_eps_bar = log_eps + math.log(10), torch.zeros_like(log_eps), torch.zeros_like(log_eps)
@@ -92,6 +94,9 @@ def hmc(target: Callable, v0, inv_mass, gen, warmup: int = 200, draws: int = 100
 
 def split_rhat(x: torch.Tensor) -> torch.Tensor:
     """Split R-hat [3] of a scalar over chains: x [T, C, N] -> [T] (1 = converged)."""
+    lm._require(isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] >= 1 and x.shape[2] >= 4, "x",
+                "a tensor [T, C, N] with N >= 4 draws per chain (each half of a chain needs 2 for a variance)",
+                tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__)
     T, C, N = x.shape
     half = N // 2
     x = torch.cat([x[..., :half], x[..., half:2 * half]], 1)               # [T, 2C, N/2]
@@ -111,6 +116,10 @@ class Gold:
     split R-hat across chains of the context log-likelihood log p(C | theta)."""
 
     def __init__(self, model: lm.LDVIMeta, chains: int, warmup: int, draws: int, n_leapfrog: int, name: str):
+        for arg, v, lo in (("chains", chains, 1), ("warmup", warmup, 0), ("draws", draws, 4),
+                           ("n_leapfrog", n_leapfrog, 1)):
+            lm._require(lm._is_int(v) and v >= lo, arg, f"an integer >= {lo}" + (" (split R-hat needs 2 draws per "
+                        "half-chain)" if arg == "draws" else ""), v)
         self.model, self.chains, self.warmup, self.draws, self.n_leapfrog = model, chains, warmup, draws, n_leapfrog
         self.name, self.stats = name, {}
 
@@ -129,4 +138,4 @@ class Gold:
             keep = torch.linspace(0, C * N - 1, S).round().long()                    # S of the C * N kept draws
             v = v.transpose(1, 2).reshape(T, N * C, Dv)[:, keep]                     # [T, S, r + D]
             self.stats[n] = dict(accept=acc.tolist(), rhat_loglik=split_rhat(trace).tolist())
-            return common.finite(model.bnn(model.weights(v, ctx, gen), x_target), "gold"), model.sigma_y
+            return lm.finite(model.bnn(model.weights(v, ctx, gen), x_target), "gold"), model.sigma_y

@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common import Batch, check_generator, make_batch
+from ldvi_meta import Batch, check_generator, make_batch
 
 AMP, PHASE, SLOPE = (0.1, 5.0), (0.0, math.pi), 3.0   # sinusoid amplitude / phase ranges, line a, b ~ U[-3, 3]
 LOG_2PI = math.log(2 * math.pi)

@@ -48,6 +48,9 @@ def numpy_global(T, gen):
     import numpy as np
     a = torch.tensor(np.random.rand(T, 1, 1), dtype=torch.float32)
     return lambda x: a * x
+def torch_global(T, gen):
+    a = torch.rand(T, 1, 1)
+    return lambda x: a * torch.sin(x)
 def python_global(T, gen):
     import random
     a = torch.tensor([[[random.random()]] for _ in range(T)])
@@ -101,7 +104,8 @@ CLI = [
     (["--noise", "1e-30"], "noise: 1e-30 is too small for the importance-sampled exact posterior"),
     (["--task", "tasks:quadratic"], "is shadowed by the benchmark's own"),
     (["--task", "fam_cli:numpy_global"], "two draws from equal generator seeds gave different tasks"),
-    (["--task", "fam_cli:python_global"], "draw every random number from it, e.g. torch.rand(T, 1, 1, generator=gen"),
+    (["--task", "fam_cli:python_global"], "draw every random number from gen, e.g. torch.rand(T, 1, 1, generator=gen"),
+    (["--task", "fam_cli:torch_global"], "(torch's global generator, e.g. a torch.rand without generator=gen"),
     (["--noise", "1e30"], "--noise: expected a noise std at most 1000 times the scale of the tasks' functions"),
     (["--noise", "5000", "--task", "linesine"], "--noise: expected a noise std at most 1000 times"),
     (["--out", "{tmp}/name"], "did you mean '{tmp}/name.json'?"),

@@ -164,7 +164,8 @@ def test_ctrl_c_leaves_the_results_file_unchanged_and_no_temporary_file(tmp_path
     out.write_text('{"committed": true}')
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--out", str(out),
                              "--plot", str(tmp_path / "fig.png"), "--methods", "LDVI-overdamped,NP,MAML"],
-                            cwd=HERE, stderr=subprocess.PIPE, text=True)
+                            cwd=HERE, stderr=subprocess.PIPE, text=True,  # a shell's background job ignores
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # SIGINT: undo that
     for line in proc.stderr:  # wait until the second method is training, then press Ctrl-C
         if "training NP" in line:
             proc.send_signal(signal.SIGINT)
@@ -347,16 +348,17 @@ def test_speed_runs_with_several_tasks_per_chunk(tmp_path):
 
 
 def test_an_old_checkout_gets_its_own_common_module(tmp_path):
-    # --speed --baseline loads another checkout's ldvi_meta.py; if that one imports common, it must get
-    # the other checkout's common.py, and this process must keep its own
-    import common
+    # --speed --baseline loads another checkout's ldvi_meta.py; if that one imports common (the code from
+    # before ldvi_meta.py stood alone again), it must get that checkout's common.py and leave no module
+    # named common behind in this process
+    had = sys.modules.get("common")
     old = tmp_path / "old"
     old.mkdir()
     (old / "common.py").write_text("WHOSE = 'the old checkout'\n")
     (old / "ldvi_meta.py").write_text("from common import WHOSE\n")
     assert bench.load_checkout(str(old)).WHOSE == "the old checkout"
-    assert sys.modules["common"] is common and not hasattr(common, "WHOSE")
-    (tmp_path / "older").mkdir()  # a checkout from before common.py: a module of its own
+    assert sys.modules.get("common") is had
+    (tmp_path / "older").mkdir()  # a checkout without common.py: a module of its own
     (tmp_path / "older" / "ldvi_meta.py").write_text("KERNELS = ('overdamped',)\n")
     assert bench.load_checkout(str(tmp_path / "older")).KERNELS == ("overdamped",)
 

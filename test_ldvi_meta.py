@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import common
 import gold
 import ldvi_meta as lm
 from ldvi_meta import KERNELS, Batch, LDVIConfig, LDVIMeta
@@ -584,10 +583,10 @@ def test_large_draws_depend_on_the_generator_only(monkeypatch):
 
 
 def test_cosine_learning_rate_reaches_lr_final():
-    lrs = [common.cosine_lr(it, 50, 0.1, 0.1) for it in range(50)]
+    lrs = [lm.cosine_lr(it, 50, 0.1, 0.1) for it in range(50)]
     assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01)
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert all(common.cosine_lr(it, 50, 0.1, 1.0) == pytest.approx(0.1) for it in range(50))
+    assert all(lm.cosine_lr(it, 50, 0.1, 1.0) == pytest.approx(0.1) for it in range(50))
 
 
 def gaussian_target(mean, cov):

@@ -14,6 +14,7 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
         of the 64 tasks at n = 1, 2, 4: the inference gap ours - HMC, the split R-hat and the acceptance)
 """
 import ast
+import dataclasses
 import json
 import os
 import sys
@@ -52,8 +53,22 @@ def ess(model, test, n, gen, P=1024, chunk=8):
     return torch.cat(out).median().item()
 
 
-def main(out, family, seed, *fields):
-    seed = int(seed)
+def replace_fields(cfg, fields: dict, what: str):
+    """cfg with fields replaced (checked again by its __post_init__); SystemExit naming a field it lacks."""
+    unknown = sorted(set(fields) - set(cfg.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"{', '.join(unknown)}: not a field of {what}'s {type(cfg).__name__} "
+                         f"(its fields: {', '.join(cfg.__dataclass_fields__)})")
+    try:
+        return dataclasses.replace(cfg, **fields)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def configure(family: str, fields) -> tuple:
+    """The name=value fields checked, before any work: (the overrides recorded with the row, gold, the
+    path of a saved model or None, the class, its config or None). SystemExit naming a field that is
+    misspelt, unknown to the method's config, out of range, or would be ignored."""
     overrides = {}
     for f in fields:
         k, _, v = f.partition("=")
@@ -61,22 +76,41 @@ def main(out, family, seed, *fields):
             overrides[k] = ast.literal_eval(v)
         except (ValueError, SyntaxError):
             overrides[k] = v
+    if family not in tasks.TASKS:
+        raise SystemExit(f"FAMILY: expected one of {sorted(tasks.TASKS)}, got {family!r}")
+    method = overrides.pop("method", None)
+    if method is not None and method not in bench.METHODS:
+        raise SystemExit(f"method: expected one of {', '.join(bench.METHODS)}, got {method!r}")
+    extra = sorted(set(overrides) - {"load", "gold"}) + (["method"] if method is not None else [])
+    if "load" in overrides and extra:
+        raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
+                         "cannot be set with it")
+    gold = overrides.pop("gold", 0)
+    if "load" in overrides:  # a model saved by an earlier screening run: its config, no training
+        return overrides, gold, overrides["load"], lm.LDVIMeta, None
+    if method is not None:  # a method of the benchmark, as bench.py configures it, with these fields changed
+        args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json")])
+        cls, cfg = bench.method_configs(args)[method]
+        cfg = replace_fields(cfg, dict(overrides, log_every=0), method)
+        return dict(overrides, method=method), gold, None, cls, cfg
+    return overrides, gold, None, lm.LDVIMeta, replace_fields(lm.LDVIConfig(sigma_y=0.25),
+                                                               dict(overrides, log_every=0), "LDVI")
+
+
+def main(out, family, seed, *fields):
+    if not seed.isdigit():
+        raise SystemExit(f"SEED: expected an integer >= 0, got {seed!r}")
+    seed = int(seed)
+    overrides, gold, load, cls, cfg = configure(family, fields)
     g = lambda k: torch.Generator().manual_seed(1000 * seed + k)  # noqa: E731
     fam = tasks.TASKS[family]
     train, _, _ = tasks.make_tasks(fam, 64, 16, 0.25, g(1))
     test, _, _ = tasks.make_tasks(fam, 256, 64, 0.25, g(2))
     test = lm.Batch(*(t[:TASKS] for t in test))
-    gold = overrides.pop("gold", 0)
-    if "load" in overrides:  # a model saved by an earlier screening run: its config, no training
-        model = lm.LDVIMeta.load(overrides["load"])
-        cls, cfg, train_s = lm.LDVIMeta, model.cfg, 0.0
-    elif "method" in overrides:  # a baseline, as bench.py configures it
-        args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json")])
-        cls, cfg = bench.method_configs(args)[overrides["method"]]
-        cfg.log_every = 0
+    if load:
+        model = lm.LDVIMeta.load(load)
+        cfg, train_s = model.cfg, 0.0
     else:
-        cls, cfg = lm.LDVIMeta, lm.LDVIConfig(**{"sigma_y": 0.25, "log_every": 0, **overrides})
-    if "load" not in overrides:
         model = cls(cfg, g(3))
         t0 = time.perf_counter()
         model.fit(train, g(4))
@@ -107,7 +141,7 @@ def main(out, family, seed, *fields):
         row["gold"] = {k: r[k] for k in ("status", "tasks", "inference_gap", "model_gap", "ours_on_gold_tasks",
                                          "rhat_median", "accept_median", "train_s") if k in r}
         row["gold"]["hmc_lmlhd"] = {n: s["lmlhd"] for n, s in r["scores"].items()} if "scores" in r else None
-    if os.environ.get("SCREEN_MODELS") and "load" not in overrides:  # keep the model for later looks (HMC, priors)
+    if os.environ.get("SCREEN_MODELS") and not load:  # keep the model for later looks (HMC, priors)
         os.makedirs(os.environ["SCREEN_MODELS"], exist_ok=True)
         name = f"{family}_{seed}_" + "_".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ".pt"
         model.save(os.path.join(os.environ["SCREEN_MODELS"], name), train_s=train_s)
