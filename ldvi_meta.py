@@ -60,6 +60,8 @@ References
   [11] J. Wilson, V. Borovitskiy, A. Terenin, P. Mostowsky, M. Deisenroth. Efficiently
       sampling functions from Gaussian process posteriors. ICML 2020 (pathwise conditioning).
   [12] G. Casella, C. Robert. Rao-Blackwellisation of sampling schemes. Biometrika, 1996.
+  [13] G. Kitagawa. Monte Carlo filter and smoother for non-Gaussian nonlinear state space
+      models. Journal of Computational and Graphical Statistics, 1996 (systematic resampling).
 """
 from __future__ import annotations
 
@@ -106,6 +108,10 @@ class LDVIConfig:
     structure: str = "last"           # "last": the latent acts on the last layer only, which is then Gaussian
                                       # given the hidden layers and integrated out exactly; "all": every weight
     hidden_std: float = 1e-3          # "last": prior std of the hidden-layer weights, one per layer (initial value)
+    hidden_latent: int = 0            # "last": r_h > 0 makes the hidden layers mu_h + B_h z_h, z_h ~ N(0, I_rh): the
+                                      # sampler's state is then z_h alone (features that move from task to task)
+    hidden_latent_init: float = 0.1   # B_h starts at this times N(0, 1) times each layer's init scale 1/sqrt(fan_in)
+    resample: bool = False            # predict with the particles resampled by their importance weights
     learn_hidden_std: bool = False    # "last": meta-learn those stds (False: fixed at hidden_std)
     components: int = 2               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
     learn_mix: bool = True            # "last": meta-learn the mixture's weights (False: fixed equal weights)
@@ -145,7 +151,9 @@ class LDVIConfig:
         _require(self.structure in STRUCTURES, "structure", f"one of {STRUCTURES}", self.structure)
         _require_fields(self, ("components",), *INT_GE1)
         _require_fields(self, ("hidden_std",), *POSITIVE)
-        _require_fields(self, ("learn_hidden_std", "learn_mix"), *BOOL)
+        _require_fields(self, ("learn_hidden_std", "learn_mix", "resample"), *BOOL)
+        _require_fields(self, ("hidden_latent",), *INT_GE0)
+        _require_fields(self, ("hidden_latent_init",), *POSITIVE)
         if self.structure == "last":
             _require(len(self.hidden) >= 1, "hidden", "at least one hidden layer with structure = 'last'", self.hidden)
             _require(not self.latent_hidden, "latent_hidden", "0 with structure = 'last' (the last layer is linear "
@@ -153,11 +161,20 @@ class LDVIConfig:
         else:  # the fields of the last-layer prior do nothing here: refused unless left at their defaults
             _require(self.components == 1, "components", "1 with structure = 'all' (mixtures need 'last')",
                      self.components)
-            for name in ("hidden_std", "learn_hidden_std", "learn_mix"):
+            for name in ("hidden_std", "learn_hidden_std", "learn_mix", "hidden_latent", "hidden_latent_init"):
                 default = type(self).__dataclass_fields__[name].default
                 _require(getattr(self, name) == default, name, f"its default {default!r} with structure = 'all' "
                          "(it sets the last-layer prior of structure = 'last' and does nothing here)",
                          getattr(self, name))
+        if self.hidden_latent:  # the hidden layers are mu_h + B_h z_h exactly: no per-layer std to set
+            for name in ("hidden_std", "learn_hidden_std"):
+                default = type(self).__dataclass_fields__[name].default
+                _require(getattr(self, name) == default, name, f"its default {default!r} with hidden_latent > 0 "
+                         "(the hidden layers are then mu_h + B_h z_h, with no per-layer std)", getattr(self, name))
+        else:
+            default = type(self).__dataclass_fields__["hidden_latent_init"].default
+            _require(self.hidden_latent_init == default, "hidden_latent_init", f"its default {default!r} with "
+                     "hidden_latent = 0 (there is no B_h to initialize)", self.hidden_latent_init)
         _require(self.sigma_y >= MIN_SIGMA_Y, "sigma_y", f"a noise std >= {MIN_SIGMA_Y:g} (a smaller one is below "
                  "what the float64 evidence can resolve; rescale the data instead)", self.sigma_y)
 
@@ -595,6 +612,16 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, noise, kern
     return v, torch.where(torch.isnan(log_w), -torch.inf, log_w)  # [T, P, D], [T, P]
 
 
+def systematic_resample(log_w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Indices [T, P] of P particles per task resampled in proportion to exp(log w) [T, P]: systematic
+    resampling [13], one uniform per task. Equal weights return every particle once (in order)."""
+    T, P = log_w.shape
+    cdf = torch.softmax(log_w.double(), -1).cumsum(-1)                           # [T, P]
+    u = (torch.rand(T, 1, generator=gen, dtype=torch.float64, device=log_w.device)
+         + torch.arange(P, dtype=torch.float64, device=log_w.device)) / P       # [T, P]
+    return torch.searchsorted(cdf, u).clamp(max=P - 1)                          # [T, P]
+
+
 def elbo(log_w: torch.Tensor) -> torch.Tensor:
     """Per-task ELBO estimate: mean over particles of log w [T, P] -> [T]."""
     return log_w.mean(-1)
@@ -677,7 +704,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         D, K, r = self.bnn.n_params, cfg.K, cfg.latent
         if cfg.structure == "last":
             self._init_last_layer_prior(gen)
-            D, r = self.feature_bnn.n_params, 0  # the diffusion's state: the hidden layers' weights alone
+            D, r = cfg.hidden_latent or self.feature_bnn.n_params, 0  # the state: z_h, or the hidden layers' weights
         else:
             self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu [D]
             self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # log sigma [D]
@@ -709,10 +736,15 @@ class LDVIMeta(SaveLoad, nn.Module):
         Dh = self.feature_bnn.n_params
         inits = [self.bnn.init(gen) for _ in range(M)]                           # [D] each
         self.prior_mean = nn.Parameter(inits[0][:Dh])                            # mu_h [Dh]
-        log_h = torch.full((len(cfg.hidden),), math.log(cfg.hidden_std))        # log sigma_l per hidden layer
-        self.hidden_log_std = nn.Parameter(log_h) if cfg.learn_hidden_std else nn.Buffer(log_h)
-        self.register_buffer("layer_sizes", torch.tensor([a * b + b for a, b in self.feature_bnn.shapes]),
-                             persistent=False)
+        sizes = [a * b + b for a, b in self.feature_bnn.shapes]                   # weights per hidden layer
+        if cfg.hidden_latent:  # B_h [Dh, r_h], each layer's rows at that layer's init scale 1/sqrt(fan_in)
+            scale = torch.cat([torch.full((n,), 1 / math.sqrt(a)) for n, (a, _) in zip(sizes, self.feature_bnn.shapes)])
+            self.hidden_basis = nn.Parameter(cfg.hidden_latent_init * scale[:, None]
+                                             * torch.randn(Dh, cfg.hidden_latent, generator=gen))  # [Dh, r_h]
+        else:
+            log_h = torch.full((len(cfg.hidden),), math.log(cfg.hidden_std))    # log sigma_l per hidden layer
+            self.hidden_log_std = nn.Parameter(log_h) if cfg.learn_hidden_std else nn.Buffer(log_h)
+            self.register_buffer("layer_sizes", torch.tensor(sizes), persistent=False)
         self.last_mean = nn.Parameter(torch.stack([self.last_matrix(w[Dh:]) for w in inits]))  # [M, H1, dy]
         self.last_log_std = nn.Parameter(torch.full((M, H1), math.log(cfg.prior_std_init)))    # [M, H1]
         self.last_basis = nn.Parameter(cfg.latent_init * torch.randn(M, H1, cfg.latent, generator=gen))  # [M, H1, r]
@@ -732,21 +764,31 @@ class LDVIMeta(SaveLoad, nn.Module):
         ones = torch.ones_like(pre[..., :1])                                     # [T, P, N, 1]
         return torch.cat([F.relu(pre), ones], -1) * mask[:, None, :, None]      # [T, P, N, H + 1]
 
+    def hidden_weights(self, v: torch.Tensor) -> torch.Tensor:
+        """The hidden layers' weights theta_h [T, P, Dh] of states v [T, P, .]: v itself, or with a hidden
+        latent (r_h > 0) mu_h + B_h z_h."""
+        if not self.cfg.hidden_latent:
+            return v
+        T, P, r = v.shape
+        return torch.addmm(self.prior_mean, v.reshape(T * P, r), self.hidden_basis.T).view(T, P, -1)  # [T, P, Dh]
+
     def _collapsed(self, v: torch.Tensor, ctx: Batch):
         """structure = "last": log p(C | theta_h) with the last layer integrated out [T, P], its
         gradient in theta_h [T, P, Dh] (the BNN's written-out backprop from the design's gradient),
         and what last_layer_draw needs (Phi and the factors)."""
-        pre, backprop = self.feature_bnn.forward_and_backprop(v, ctx.x)         # [T, P, N, H]
+        pre, backprop = self.feature_bnn.forward_and_backprop(self.hidden_weights(v), ctx.x)  # [T, P, N, H]
         Phi = self._design(pre, ctx.mask)                                        # [T, P, N, H + 1]
         ll, dPhi, pieces = last_layer_evidence(Phi, ctx, self.last_prior(), self.sigma_y ** 2)
         g = backprop(dPhi[..., :-1].to(pre.dtype).masked_fill(pre <= 0, 0.0))  # through the ReLU: [T, P, Dh]
+        if self.cfg.hidden_latent:
+            g = g @ self.hidden_basis                                            # B_h^T g  [T, P, r_h]
         return ll.to(v.dtype), g, (Phi, pieces)
 
     def context_loglik(self, v: torch.Tensor, ctx: Batch) -> torch.Tensor:
         """log p(C | v) [T, P] for states v: the BNN's likelihood ("all"), or the evidence with the
         last layer integrated out ("last")."""
         if self.cfg.structure == "last":
-            pre = self.feature_bnn(v, ctx.x)                                     # [T, P, N, H]
+            pre = self.feature_bnn(self.hidden_weights(v), ctx.x)                # [T, P, N, H]
             return last_layer_evidence(self._design(pre, ctx.mask), ctx, self.last_prior(),
                                        self.sigma_y ** 2)[0].to(v.dtype)
         return gaussian_loglik(self.bnn(self.theta(v), ctx.x), ctx.y, ctx.mask, self.sigma_y)
@@ -756,6 +798,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         the hidden layers v with a last layer drawn from its exact conditional posterior ("last")."""
         if self.cfg.structure != "last":
             return self.theta(v)
+        v = self.hidden_weights(v)                                               # [T, P, Dh]
         pre = self.feature_bnn(v, ctx.x)                                         # [T, P, N, H]
         Phi = self._design(pre, ctx.mask)                                        # [T, P, N, H + 1]
         prior, noise_var = self.last_prior(), self.sigma_y ** 2
@@ -785,6 +828,9 @@ class LDVIMeta(SaveLoad, nn.Module):
         """Mean and log std [r + D] of the diagonal prior over v: N(0, I_r) x N(mu, diag sigma^2);
         structure = "last": over the hidden layers' weights, N(mu_h, diag sigma_l^2) [Dh]."""
         if self.cfg.structure == "last":
+            if self.cfg.hidden_latent:
+                zeros = self.prior_mean.new_zeros(self.cfg.hidden_latent)        # z_h ~ N(0, I)
+                return zeros, zeros
             return self.prior_mean, self.hidden_log_std.repeat_interleave(self.layer_sizes)
         zeros = self.prior_mean.new_zeros(self.cfg.latent)
         return torch.cat([zeros, self.prior_mean]), torch.cat([zeros, self.prior_log_std])
@@ -870,14 +916,19 @@ class LDVIMeta(SaveLoad, nn.Module):
         return self._sample(ctx, P, gen)
 
     def _sample(self, ctx: Batch, P: int, gen: torch.Generator, weights: bool = True):
-        """(theta [T, P, D], log w [T, P] or None). A task without context points gets exact draws
+        """(theta [T, P, D], log w [T, P] or None): _states, then each particle's weights."""
+        v, log_w = self._states(ctx, P, gen, weights)
+        return self.weights(v, ctx, gen), log_w
+
+    def _states(self, ctx: Batch, P: int, gen: torch.Generator, weights: bool = True):
+        """(states v [T, P, Dv], log w [T, P] or None). A task without context points gets exact draws
         from the prior and log w = 0 (= log p(empty set)): no encoder, no diffusion."""
         prior_m, prior_ls = self.state_prior()                                   # [Dv]
         T, Dv = ctx.x.shape[0], prior_m.shape[0]
         empty = ctx.counts == 0                                                  # [T]
         if bool(empty.all()):  # nothing to condition on (one host sync per call, not per step)
             v = self.sample_prior(T, P, gen)                                     # [T, P, Dv]
-            return self.weights(v, ctx, gen), v.new_zeros(T, P) if weights else None
+            return v, v.new_zeros(T, P) if weights else None
         m, log_s = self.q0(ctx)                                                  # [T, Dv]
         m, log_s = torch.where(empty[:, None], prior_m, m), torch.where(empty[:, None], prior_ls, log_s)
         u0, noise = draw_noise(self.cfg.kernel, self.cfg.K, (T, P, Dv), gen, m.dtype, m.device)  # [T, P, Dv]
@@ -888,7 +939,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         v = torch.where(e, torch.addcmul(m.unsqueeze(1), log_s.exp().unsqueeze(1), u0), v)  # the prior's own draw
         if weights:
             log_w = torch.where(e[..., 0], 0.0, log_w)
-        return self.weights(v, ctx, gen), log_w
+        return v, log_w
 
     def predictive(self, ctx: Batch, x_target: torch.Tensor, S: int, gen: torch.Generator):
         """Predictive mixture for the targets: means [T, S, M, dy] and the noise std.
@@ -900,8 +951,14 @@ class LDVIMeta(SaveLoad, nn.Module):
         x_target, S = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
         check_generator(gen, self.prior_mean)
         with torch.no_grad():
-            mean = torch.cat([self.bnn(self._sample(ctx, min(SAMPLE_BLOCK, S - s), gen, weights=False)[0], x_target)
-                              for s in range(0, S, SAMPLE_BLOCK)], 1)                # [T, S, M, dy]
+            blocks = [min(SAMPLE_BLOCK, S - s) for s in range(0, S, SAMPLE_BLOCK)]
+            if self.cfg.resample:  # all S states and weights first, then S of them by systematic resampling
+                v, log_w = (torch.cat(t, 1) for t in zip(*(self._states(ctx, b, gen) for b in blocks)))
+                v = v.gather(1, systematic_resample(log_w, gen).unsqueeze(-1).expand_as(v))  # [T, S, Dv]
+                states = v.split(blocks, 1)
+            else:
+                states = (self._states(ctx, b, gen, weights=False)[0] for b in blocks)
+            mean = torch.cat([self.bnn(self.weights(v, ctx, gen), x_target) for v in states], 1)  # [T, S, M, dy]
             return finite(mean, "LDVI predictive"), self.sigma_y
 
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:

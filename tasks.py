@@ -49,6 +49,9 @@ import torch
 from ldvi_meta import Batch, check_generator, make_batch
 
 AMP, PHASE, SLOPE = (0.1, 5.0), (0.0, math.pi), 3.0   # sinusoid amplitude / phase ranges, line a, b ~ U[-3, 3]
+FREQ = (0.5, 2.0)                                     # freqsine's frequency range
+FREQ_GRID = 2000   # midpoints of the frequency grid of freqsine's exact predictive (doubling it moves < 0.01 nats)
+FREQ_KEEP = 40.0   # grid frequencies whose best fit is this many nats below the best are left out of the integral
 LOG_2PI = math.log(2 * math.pi)
 MIN_ESS = 30.0  # fewer effective importance draws than this: the exact rows would be noise, so they fail
 
@@ -71,7 +74,15 @@ def linesine(T: int, gen: torch.Generator):
     return lambda x: torch.where(is_line, a * x + b, sine(x))
 
 
-TASKS = {"sinusoid": sinusoid, "linesine": linesine}
+def freqsine(T: int, gen: torch.Generator):
+    """y = A sin(w x + phi), A ~ U[0.1, 5], w ~ U[0.5, 2], phi ~ U[0, pi]: the features change per task."""
+    amp = AMP[0] + (AMP[1] - AMP[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
+    freq = FREQ[0] + (FREQ[1] - FREQ[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
+    phase = PHASE[0] + (PHASE[1] - PHASE[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
+    return lambda x: amp * torch.sin(freq * x + phase)
+
+
+TASKS = {"sinusoid": sinusoid, "linesine": linesine, "freqsine": freqsine}
 
 
 def make_tasks(family, T: int, N: int, noise: float, gen: torch.Generator):
@@ -169,10 +180,94 @@ def _pooled(x, y, mask, noise: float, family: str, gen: torch.Generator, draws: 
             for weight, fam in MIXTURES[family]]
 
 
+# -----------------------------------------------------------------------------
+# freqsine: a uniform mixture over a fine frequency grid of the sinusoid's 2-d linear model
+
+def sine_at(omega: torch.Tensor) -> Linear2:
+    """The sinusoid's 2-d linear model at frequencies omega [K]: features [K, N, 2] of x [N, 1]."""
+    return Linear2(lambda x: torch.stack([(omega[:, None] * x[..., 0]).sin(), (omega[:, None] * x[..., 0]).cos()], -1),
+                   _sine_sample, _sine_log_prior)
+
+
+def freq_grid(size: int | None = None) -> torch.Tensor:
+    """The midpoints of `size` (default FREQ_GRID) equal cells of [0.5, 2] (float64): the midpoint rule
+    for the w-integral."""
+    size = FREQ_GRID if size is None else size
+    return FREQ[0] + (FREQ[1] - FREQ[0]) * (torch.arange(size, dtype=torch.float64) + 0.5) / size
+
+
+def _freq_draws(x, y, mask, noise: float, gen: torch.Generator, draws: int, grid: torch.Tensor):
+    """Weighted draws for ONE task of freqsine: (omega [K], w [K, d, 2], log weights [K, d]) with
+    sum_k logsumexp_d(log w) - log d = log p(y_C) (the 1 / len(grid) of the mixture included).
+
+    Given the frequency the model is linear, and the evidence at each grid frequency is the
+    sinusoid's 2-d importance-sampled integral (_weighted_draws). Frequencies whose best fit
+    (the unconstrained least-squares likelihood, an upper bound of their evidence) is more than
+    FREQ_KEEP nats below the best one's are left out, and the bound certifies it: what they
+    could add is checked to be below exp(-20) of the evidence, else more are kept. x [N, 1],
+    y [N], mask [N] (float64); d = max(64, draws // K) draws per kept frequency."""
+    n = int(mask.sum())
+    m = mask.to(y.dtype)
+    Phi = sine_at(grid).features(x)                                               # [G, N, 2]
+    G = torch.einsum("kni,knj,n->kij", Phi, Phi, m)                               # [G, 2, 2]
+    b = torch.einsum("kni,n,n->ki", Phi, y, m)                                    # [G, 2]
+    rss_min = ((y * y * m).sum() - (b.unsqueeze(-2) @ torch.linalg.pinv(G, hermitian=True)
+                                     @ b.unsqueeze(-1)).view(-1)).clamp(min=0)    # [G]
+    bound = -0.5 * n * (2 * math.log(noise) + LOG_2PI) - rss_min / (2 * noise ** 2)  # max_w log p(y | w, omega)
+    log_g = -math.log(len(grid))
+    for keep_nats in (FREQ_KEEP, 2 * FREQ_KEEP, math.inf):
+        keep = bound >= bound.max() - keep_nats                                   # [G]
+        K = int(keep.sum())
+        d = max(64, draws // K)
+        Phi_k = Phi[keep]                                                         # [K, N, 2]
+        w, log_w = _weighted_draws(SINE, Phi_k, y.expand(K, -1), mask.expand(K, -1), noise, d, gen)
+        log_z = torch.logsumexp(log_w.flatten(), 0) - math.log(d) + log_g
+        dropped = bound[~keep]
+        if not len(dropped) or math.log(len(dropped)) + log_g + dropped.max() < log_z - 20:
+            return grid[keep], w, log_w + log_g
+    raise AssertionError("unreachable: keep_nats = inf keeps every frequency")
+
+
+def _freq_log_evidence(x, y, mask, noise, gen, draws, grid):
+    """log p(y_C) [T] of freqsine, task by task (float64)."""
+    out = []
+    for t in range(x.shape[0]):
+        _, _, log_w = _freq_draws(x[t].double(), y[t].double().view(-1), mask[t], noise, gen, draws, grid)
+        out.append(torch.logsumexp(log_w.flatten(), 0) - math.log(log_w.shape[1]))
+    return torch.stack(out)
+
+
+def _freq_posterior(x, y, mask, x_target, noise, S, gen, draws, grid):
+    """posterior() for freqsine, task by task: (log p(y_C) [T], mean [T, M], f [T, S, M])."""
+    log_z, means, fs = [], [], []
+    for t in range(x.shape[0]):
+        omega, w, log_w = _freq_draws(x[t].double(), y[t].double().view(-1), mask[t], noise, gen, draws, grid)
+        K, d = log_w.shape
+        log_z.append(torch.logsumexp(log_w.flatten(), 0) - math.log(d))
+        prob = torch.softmax(log_w.flatten(), 0)                                  # [K d]
+        _require_ess(prob, noise, K * d)
+        feats = sine_at(omega).features(x_target[t].double())                     # [K, M, 2]
+        means.append(torch.einsum("kmi,ki->m", feats, (prob.view(K, d, 1) * w).sum(1)))  # [M]
+        idx = torch.multinomial(prob, S, replacement=True, generator=gen)         # [S]
+        k, j = idx // d, idx % d                                                  # [S]
+        fs.append((feats[k] * w[k, j].unsqueeze(1)).sum(-1))                      # [S, M]
+    return torch.stack(log_z), torch.stack(means), torch.stack(fs)
+
+
+def _require_ess(prob: torch.Tensor, noise: float, draws: int) -> None:
+    ess = 1 / prob.flatten(1 if prob.dim() > 1 else 0).square().sum(-1)          # effective sample size
+    if (~(ess >= MIN_ESS)).any():
+        raise ValueError(f"noise: {noise} is too small for the importance-sampled exact posterior (effective "
+                         f"sample size {ess.min().item():.1f} of {draws} draws, below {MIN_ESS}); use a larger "
+                         "noise or more draws")
+
+
 def log_evidence(x, y, mask, noise: float, family: str, gen: torch.Generator, draws: int = 1 << 16):
     """log p(y_C) per task [T] under the true task distribution `family` (float64)."""
     _require_family(family)
     _require_noise(noise)
+    if family == "freqsine":
+        return _freq_log_evidence(x, y, mask, noise, gen, draws, freq_grid())
     parts = [math.log(weight) + torch.logsumexp(log_w, -1) - math.log(draws)
              for _, log_w, weight, _ in _pooled(x, y, mask, noise, family, gen, draws)]
     return torch.logsumexp(torch.stack(parts), 0)
@@ -184,15 +279,13 @@ def posterior(x, y, mask, x_target, noise: float, family: str, S: int, gen: torc
     exact-posterior draws by sampling-importance-resampling). float64."""
     _require_family(family)
     _require_noise(noise)
+    if family == "freqsine":
+        return _freq_posterior(x, y, mask, x_target, noise, S, gen, draws, freq_grid())
     pooled = _pooled(x, y, mask, noise, family, gen, draws)
     log_w = torch.stack([math.log(weight) + lw for _, lw, weight, _ in pooled], 1)  # [T, F, draws]
     log_z = torch.logsumexp(log_w.flatten(1), -1) - math.log(draws)               # [T]
     prob = torch.softmax(log_w.flatten(1), -1).view_as(log_w)                     # [T, F, draws]
-    ess = 1 / prob.flatten(1).square().sum(-1)                                    # effective sample size [T]
-    if (~(ess >= MIN_ESS)).any():
-        raise ValueError(f"noise: {noise} is too small for the importance-sampled exact posterior (effective "
-                         f"sample size {ess.min().item():.1f} of {draws} draws, below {MIN_ESS}); use a larger "
-                         "noise or more draws")
+    _require_ess(prob, noise, draws)
     feats = [fam.features(x_target.double()) for *_, fam in pooled]               # [T, M, 2] each
     ws = [w for w, *_ in pooled]                                                  # [T, draws, 2] each
     # f is linear in w within a family: the mean is Phi_F times the weighted sum of w
@@ -250,8 +343,8 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
 
 
 def _require_family(family: str) -> None:
-    if family not in MIXTURES:
-        raise ValueError(f"family: the Bayes-optimal predictive is known for {sorted(MIXTURES)}, got {family!r}")
+    if family not in TASKS:
+        raise ValueError(f"family: the Bayes-optimal predictive is known for {sorted(TASKS)}, got {family!r}")
 
 
 def _require_noise(noise) -> None:

@@ -128,3 +128,60 @@ def test_linesine_family_mixes_lines_and_sines():
     second_diff = (y[:, 2:] - 2 * y[:, 1:-1] + y[:, :-2]).abs().amax((1, 2))
     share_lines = (second_diff < 1e-4).float().mean().item()
     assert 0.4 < share_lines < 0.6
+
+
+# -----------------------------------------------------------------------------
+# freqsine: a uniform mixture over a frequency grid, checked against 3-d quadrature
+
+def grid3_log_evidence(x, y, noise, n_amp=100, n_freq=800, n_phase=200):
+    """log p(y) of freqsine by the midpoint rule on the prior's own coordinates (A, w, phi), where
+    it is uniform: an independent check of the frequency grid and its 2-d importance sampling."""
+    mid = lambda lo, hi, k: lo + (hi - lo) * (torch.arange(k, dtype=F64) + 0.5) / k  # noqa: E731
+    amp, freq, phase = mid(*tasks.AMP, n_amp), mid(*tasks.FREQ, n_freq), mid(*tasks.PHASE, n_phase)
+    parts = []
+    for w in freq.split(50):
+        f = amp[None, :, None, None] * torch.sin(w[:, None, None, None] * x + phase[None, None, :, None])  # [w, A, phi, N]
+        ll = (-0.5 * ((y - f) / noise) ** 2).sum(-1) - len(y) * (math.log(noise) + 0.5 * math.log(2 * math.pi))
+        parts.append(torch.logsumexp(ll.flatten(), 0))
+    return (torch.logsumexp(torch.stack(parts), 0) - math.log(n_amp * n_freq * n_phase)).item()
+
+
+def test_freqsine_log_evidence_matches_3d_quadrature():
+    test, _, _ = tasks.make_tasks(tasks.freqsine, 2, 8, 0.25, gen(1))
+    for t in range(2):
+        for n in (1, 3, 8):
+            mask = torch.zeros(1, 8, dtype=torch.bool)
+            mask[0, :n] = True
+            ours = tasks.log_evidence(test.x[t:t + 1], test.y[t:t + 1], mask, 0.25, "freqsine", gen(5)).item()
+            ref = grid3_log_evidence(test.x[t, :n, 0].double(), test.y[t, :n, 0].double(), 0.25)
+            assert ours == pytest.approx(ref, abs=0.02), (t, n, ours, ref)
+
+
+def test_freqsine_leaves_out_only_frequencies_its_bound_certifies():
+    """With many points most grid frequencies are left out; the kept ones carry the evidence: the
+    same number as keeping every frequency, to Monte Carlo error."""
+    test, _, _ = tasks.make_tasks(tasks.freqsine, 1, 48, 0.25, gen(2))
+    x, y, m = test.x[0].double(), test.y[0, :, 0].double(), test.mask[0]
+    grid = tasks.freq_grid(400)
+    omega, _, _ = tasks._freq_draws(x, y, m, 0.25, gen(3), 1 << 14, grid)
+    assert len(omega) < 100
+    full = tasks._weighted_draws(tasks.SINE, tasks.sine_at(grid).features(x), y.expand(400, -1), m.expand(400, -1),
+                                 0.25, 1 << 10, gen(4))[1]
+    every = torch.logsumexp(full.flatten(), 0) - math.log(1 << 10) - math.log(400)
+    kept = tasks._freq_log_evidence(x[None], y[None, :, None], m[None], 0.25, gen(3), 1 << 14, grid)[0]
+    assert kept.item() == pytest.approx(every.item(), abs=0.05)
+
+
+def test_freqsine_draws_and_posterior():
+    g = gen(6)
+    f = tasks.freqsine(2000, g)
+    x = torch.linspace(-5, 5, 201).view(1, 201, 1).expand(2000, 201, 1)
+    y = f(x)
+    amp = y.abs().amax((1, 2))
+    assert 0.1 <= amp.min() and amp.max() <= 5.0
+    zero_crossings = ((y[:, 1:] * y[:, :-1]) < 0).sum((1, 2)).float()  # about 10 w / pi over [-5, 5]
+    assert 10 * 0.5 / math.pi - 1.5 <= zero_crossings.min() and zero_crossings.max() <= 10 * 2 / math.pi + 1.5
+    test, clean, _ = tasks.make_tasks(tasks.freqsine, 3, 64, 0.25, gen(7))
+    _, mean, draws = tasks.posterior(test.x, test.y, test.mask, test.x, 0.25, "freqsine", 256, gen(8), draws=1 << 13)
+    assert ((mean - clean.squeeze(-1).double()) ** 2).mean(-1).max() < 0.01
+    assert ((draws - clean.squeeze(-1).double().unsqueeze(1)) ** 2).mean((-1, -2)).max() < 0.02
