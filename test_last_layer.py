@@ -263,3 +263,97 @@ def test_the_hmc_gold_standard_runs_on_the_collapsed_target():
 def test_bad_structure_settings_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name):
         LDVIConfig(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# the hidden latent: hidden layers mu_h + B_h z_h, the sampler's state z_h
+
+def latent_model(g, **kw):
+    model = randomized(last_model(g, hidden_std=1e-3, hidden_latent=3, hidden_latent_init=0.5, **kw))
+    with torch.no_grad():
+        model.prior_mean.normal_(0, 0.5, generator=gen(90))
+    return model
+
+
+def test_the_hidden_latent_target_matches_autograd():
+    model = latent_model(gen(40), components=2).double()
+    data = sinusoid_batch(3, 6, gen(41), F64)
+    v = 1.5 * model.sample_prior(3, 5, gen(42))                               # [3, 5, r_h]
+    assert v.shape == (3, 5, 3)
+    value, grad = model.target(data)(v)
+    ref_value, ref_grad = lm.autograd_target(lambda v: model.log_joint(v, data))(v)
+    assert torch.allclose(value, ref_value, atol=1e-10) and torch.allclose(grad, ref_grad, atol=1e-9)
+    theta = model.weights(v, data, gen(43))                                    # the hidden part is mu_h + B_h z
+    Dh = model.prior_mean.shape[0]
+    plain = torch.stack([torch.stack([model.prior_mean + model.hidden_basis @ v[t, p] for p in range(5)])
+                         for t in range(3)])
+    assert torch.allclose(theta[..., :Dh], plain, atol=1e-12)
+
+
+def test_hidden_latent_weights_are_unbiased_against_prior_monte_carlo():
+    """With the state z_h three-dimensional, plain prior Monte Carlo gives log p(C) to a few hundredths;
+    the IW bound of many diffusion particles must agree, and the ELBO lie below it."""
+    model = latent_model(gen(44), K=2).double()
+    data = sinusoid_batch(2, 3, gen(45), F64)
+    with torch.no_grad():
+        ll = model.context_loglik(model.sample_prior(2, 200_000, gen(46)), data)      # [2, 200000]
+        log_z = torch.logsumexp(ll, -1) - math.log(ll.shape[1])
+        _, log_w = model.sample(data, 20_000, gen(47))
+    assert ((lm.iw_bound(log_w) - log_z).abs() < 0.05).all(), (lm.iw_bound(log_w), log_z)
+    assert (lm.elbo(log_w) <= lm.iw_bound(log_w)).all()
+
+
+def test_hidden_latent_K0_is_mean_field_vi():
+    model = latent_model(gen(48), K=0).double()
+    with torch.no_grad():
+        for p in model.encoder.head[-1].parameters():
+            p.normal_(0, 0.1, generator=gen(49))
+    data = sinusoid_batch(2, 5, gen(50), F64)
+    _, log_w = model.sample(data, 6, gen(51))
+    m, log_s = model.q0(data)
+    u0, _ = lm.draw_noise(model.cfg.kernel, 0, (2, 6, m.shape[-1]), gen(51), F64)
+    _, ref = mean_field_reference(lambda v: model.log_joint(v, data), m, log_s, u0)
+    assert torch.allclose(log_w, ref, atol=1e-9)
+
+
+def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path):
+    data = sinusoid_batch(8, 8, gen(52))
+    model = last_model(gen(53), iters=40, hidden_std=1e-3, hidden_latent=2, resample=True)
+    before = sum(-model.loss(data, gen(54)).item() for _ in range(5))
+    model.fit(data, gen(55))
+    assert sum(-model.loss(data, gen(54)).item() for _ in range(5)) > before
+    model.save(str(tmp_path / "m.pt"))
+    back = LDVIMeta.load(str(tmp_path / "m.pt"))
+    ctx = lm.first_n(data, 3)
+    a, b = model.predictive(ctx, data.x, 300, gen(56)), back.predictive(ctx, data.x, 300, gen(56))
+    assert torch.equal(a[0], b[0]) and a[0].shape == (8, 300, 8, 1)
+    ref = gold.Gold(model, chains=4, warmup=5, draws=4, n_leapfrog=2, name="")
+    assert torch.isfinite(ref.predictive(ctx, data.x, 8, gen(57))[0]).all()
+
+
+def test_systematic_resampling_keeps_each_particle_in_proportion_to_its_weight():
+    P = 12
+    log_w = torch.log(torch.tensor([[0.5, 0.25, 0.25] + [0.0] * (P - 3),
+                                    [1 / P] * P]).clamp(min=1e-300))            # [2, P]
+    for seed in range(20):
+        idx = lm.systematic_resample(log_w, gen(seed))
+        assert torch.equal(torch.bincount(idx[0], minlength=P)[:3], torch.tensor([6, 3, 3]))  # exactly P w
+        assert torch.equal(idx[1], torch.arange(P))                           # equal weights: each once
+    w = torch.softmax(torch.randn(3, 50, generator=gen(60), dtype=F64), -1)
+    counts = torch.stack([torch.bincount(i, minlength=50) for i in lm.systematic_resample(w.log(), gen(61))])
+    assert ((counts - 50 * w).abs() < 1).all()                                 # floor or ceil of P w
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(structure="all", components=1, hidden_latent=2), "hidden_latent"),
+    (dict(hidden_latent=2, hidden_std=0.1), "hidden_std: expected its default 0.001 with hidden_latent > 0"),
+    (dict(hidden_latent=2, learn_hidden_std=True), "learn_hidden_std"),
+    (dict(hidden_latent_init=0.5), "hidden_latent_init: expected its default 0.1 with hidden_latent = 0"),
+    (dict(hidden_latent=-1), "hidden_latent: expected an integer >= 0"),
+    (dict(hidden_latent=2.5), "hidden_latent: expected an integer >= 0"),
+    (dict(hidden_latent=2, hidden_latent_init=0), "hidden_latent_init: expected a finite number > 0"),
+    (dict(resample="yes"), "resample: expected True or False"),
+])
+def test_bad_hidden_latent_settings_are_refused(kwargs, name):
+    with pytest.raises(ValueError, match=name.replace("(", r"\(")):
+        LDVIConfig(**kwargs)
