@@ -81,6 +81,7 @@ import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
 KERNELS = ("underdamped", "overdamped")
+OBJECTIVES = ("elbo", "iw")   # the meta-training objective: mean log w, or logsumexp log w - log P
 STRUCTURES = ("all", "last")  # where the prior's task latent acts: every weight, or the last layer
 DEVICE_TYPES = ("cpu", "cuda")  # where data may live
 MIN_SIGMA_Y = 1e-6              # the smallest observation noise std the models accept
@@ -104,17 +105,15 @@ class LDVIConfig:
     hidden: tuple = (40, 40)          # hidden widths of the BNN (ReLU); (40, 40) -> D = 1761
     latent: int = 8                   # r, dimension of the task latent z in the prior (0: diagonal prior)
     latent_init: float = 1e-3         # B starts at latent_init * N(0, 1) entries
-    latent_hidden: int = 0            # h > 0: theta = B relu(A z + a) + theta_res, a nonlinear map of z (0: B z)
     structure: str = "last"           # "last": the latent acts on the last layer only, which is then Gaussian
                                       # given the hidden layers and integrated out exactly; "all": every weight
-    hidden_std: float = 1e-3          # "last": prior std of the hidden-layer weights, one per layer (initial value)
+    hidden_std: float = 1e-3          # "last": prior std of the hidden-layer weights (fixed)
     hidden_latent: int = 0            # "last": r_h > 0 makes the hidden layers mu_h + B_h z_h, z_h ~ N(0, I_rh): the
                                       # sampler's state is then z_h alone (features that move from task to task)
     hidden_latent_init: float = 0.1   # B_h starts at this times N(0, 1) times each layer's init scale 1/sqrt(fan_in)
     resample: bool = False            # predict with the particles resampled by their importance weights
-    learn_hidden_std: bool = False    # "last": meta-learn those stds (False: fixed at hidden_std)
+    objective: str = "elbo"           # meta-training maximizes the mean "elbo" or the importance-weighted "iw" bound
     components: int = 2               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
-    learn_mix: bool = True            # "last": meta-learn the mixture's weights (False: fixed equal weights)
     kernel: str = "overdamped"        # "overdamped" or "underdamped" diffusion kernel
     K: int = 5                        # number of diffusion steps (0 = amortized mean-field VI)
     step_init: float = 0.05           # initial step size h_k (small: training starts near mean-field VI)
@@ -122,8 +121,6 @@ class LDVIConfig:
     prior_std_init: float = 1e-3      # initial std sigma of the residual weights in the prior ("last": of the
                                       # last layer's diagonal part s)
     sigma_y: float = 0.25             # observation noise std: SET IT to your data's (initial value when learned)
-    learn_sigma_y: bool = False       # meta-learn sigma_y (a learned one absorbs misfit as noise: worse here)
-    tamed: bool = True                # drive the diffusion with the tamed score (see tame)
     enc_hidden: int = 128             # width of the set-encoder MLPs
     enc_dim: int = 64                 # dimension of the set representation r
     particles: int = 16               # particles per task during meta-training
@@ -137,40 +134,35 @@ class LDVIConfig:
 
     def __post_init__(self):
         _require(self.kernel in KERNELS, "kernel", f"one of {KERNELS}", self.kernel)
+        _require(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}", self.objective)
         _require_fields(self, ("hidden",), *WIDTHS)
         self.hidden = tuple(self.hidden)
         _require_fields(self, ("dx", "dy", "enc_hidden", "enc_dim", "particles", "tasks_per_batch"), *INT_GE1)
-        _require_fields(self, ("K", "latent", "latent_hidden", "min_context", "iters", "log_every"), *INT_GE0)
+        _require_fields(self, ("K", "latent", "min_context", "iters", "log_every"), *INT_GE0)
         _require_fields(self, ("step_init", "prior_std_init", "sigma_y", "lr", "clip", "latent_init"), *POSITIVE)
-        _require_fields(self, ("learn_sigma_y", "tamed"), *BOOL)
         _require(_is_real(self.refresh_init) and 0 <= self.refresh_init < 1, "refresh_init", "a number in [0, 1)",
                  self.refresh_init)
         _require(_is_real(self.lr_final) and 0 < self.lr_final <= 1, "lr_final", "a number in (0, 1]", self.lr_final)
-        _require(self.latent or not self.latent_hidden, "latent_hidden", "0 when latent = 0 (no task latent to map)",
-                 self.latent_hidden)
         _require(self.structure in STRUCTURES, "structure", f"one of {STRUCTURES}", self.structure)
         _require_fields(self, ("components",), *INT_GE1)
         _require_fields(self, ("hidden_std",), *POSITIVE)
-        _require_fields(self, ("learn_hidden_std", "learn_mix", "resample"), *BOOL)
+        _require_fields(self, ("resample",), *BOOL)
         _require_fields(self, ("hidden_latent",), *INT_GE0)
         _require_fields(self, ("hidden_latent_init",), *POSITIVE)
         if self.structure == "last":
             _require(len(self.hidden) >= 1, "hidden", "at least one hidden layer with structure = 'last'", self.hidden)
-            _require(not self.latent_hidden, "latent_hidden", "0 with structure = 'last' (the last layer is linear "
-                     "in its latent)", self.latent_hidden)
         else:  # the fields of the last-layer prior do nothing here: refused unless left at their defaults
             _require(self.components == 1, "components", "1 with structure = 'all' (mixtures need 'last')",
                      self.components)
-            for name in ("hidden_std", "learn_hidden_std", "learn_mix", "hidden_latent", "hidden_latent_init"):
+            for name in ("hidden_std", "hidden_latent", "hidden_latent_init"):
                 default = type(self).__dataclass_fields__[name].default
                 _require(getattr(self, name) == default, name, f"its default {default!r} with structure = 'all' "
                          "(it sets the last-layer prior of structure = 'last' and does nothing here)",
                          getattr(self, name))
         if self.hidden_latent:  # the hidden layers are mu_h + B_h z_h exactly: no per-layer std to set
-            for name in ("hidden_std", "learn_hidden_std"):
-                default = type(self).__dataclass_fields__[name].default
-                _require(getattr(self, name) == default, name, f"its default {default!r} with hidden_latent > 0 "
-                         "(the hidden layers are then mu_h + B_h z_h, with no per-layer std)", getattr(self, name))
+            default = type(self).__dataclass_fields__["hidden_std"].default
+            _require(self.hidden_std == default, "hidden_std", f"its default {default!r} with hidden_latent > 0 "
+                     "(the hidden layers are then mu_h + B_h z_h, with no per-layer std)", self.hidden_std)
         else:
             default = type(self).__dataclass_fields__["hidden_latent_init"].default
             _require(self.hidden_latent_init == default, "hidden_latent_init", f"its default {default!r} with "
@@ -708,17 +700,9 @@ class LDVIMeta(SaveLoad, nn.Module):
         else:
             self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu [D]
             self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # log sigma [D]
-        h = cfg.latent_hidden or r
-        if r and cfg.latent_hidden:  # A [h, r], a [h], like nn.Linear's default
-            self.latent_A = nn.Parameter((2 * torch.rand(h, r, generator=gen) - 1) / math.sqrt(r))
-            self.latent_a = nn.Parameter((2 * torch.rand(h, generator=gen) - 1) / math.sqrt(r))
         if r:
-            self.basis = nn.Parameter(cfg.latent_init * torch.randn(D, h, generator=gen))  # B [D, h]
-        log_sy = torch.tensor(math.log(cfg.sigma_y))
-        if cfg.learn_sigma_y:
-            self.log_sigma_y = nn.Parameter(log_sy)
-        else:
-            self.register_buffer("log_sigma_y", log_sy)
+            self.basis = nn.Parameter(cfg.latent_init * torch.randn(D, r, generator=gen))  # B [D, r]
+        self.register_buffer("log_sigma_y", torch.tensor(math.log(cfg.sigma_y)))  # fixed: set it to the data's
         self.encoder = SetEncoder(cfg.dx, cfg.dy, r + D, gen, cfg.enc_hidden, cfg.enc_dim)
         inv_softplus = lambda v: math.log(math.expm1(v))  # noqa: E731
         self.raw_steps = nn.Parameter(torch.full((K,), inv_softplus(cfg.step_init)))
@@ -743,13 +727,13 @@ class LDVIMeta(SaveLoad, nn.Module):
                                              * torch.randn(Dh, cfg.hidden_latent, generator=gen))  # [Dh, r_h]
         else:
             log_h = torch.full((len(cfg.hidden),), math.log(cfg.hidden_std))    # log sigma_l per hidden layer
-            self.hidden_log_std = nn.Parameter(log_h) if cfg.learn_hidden_std else nn.Buffer(log_h)
+            self.register_buffer("hidden_log_std", log_h)
             self.register_buffer("layer_sizes", torch.tensor(sizes), persistent=False)
         self.last_mean = nn.Parameter(torch.stack([self.last_matrix(w[Dh:]) for w in inits]))  # [M, H1, dy]
         self.last_log_std = nn.Parameter(torch.full((M, H1), math.log(cfg.prior_std_init)))    # [M, H1]
         self.last_basis = nn.Parameter(cfg.latent_init * torch.randn(M, H1, cfg.latent, generator=gen))  # [M, H1, r]
         logits = torch.zeros(M)                                                  # log pi up to a constant
-        self.mix_logits = nn.Parameter(logits) if cfg.learn_mix else nn.Buffer(logits)
+        self.mix_logits = nn.Parameter(logits)
 
     def last_matrix(self, w: torch.Tensor) -> torch.Tensor:
         """The last layer's flat weights [..., H dy + dy] (the BNN's layout: W, then b) as [..., H + 1, dy]."""
@@ -835,23 +819,18 @@ class LDVIMeta(SaveLoad, nn.Module):
         zeros = self.prior_mean.new_zeros(self.cfg.latent)
         return torch.cat([zeros, self.prior_mean]), torch.cat([zeros, self.prior_log_std])
 
-    def features(self, z: torch.Tensor) -> torch.Tensor:
-        """phi(z) [T, P, h] with theta = B phi(z) + theta_res: z itself, or relu(A z + a)."""
-        return z if not self.cfg.latent_hidden else F.relu(z @ self.latent_A.T + self.latent_a)
-
     def theta(self, v: torch.Tensor, basis_t: torch.Tensor | None = None) -> torch.Tensor:
-        """BNN weights theta = B phi(z) + theta_res [..., D] from states v [..., r + D].
+        """BNN weights theta = B z + theta_res [..., D] from states v [..., r + D].
 
-        basis_t: B^T as a contiguous [h, D] tensor, if the caller has made it already. (One
+        basis_t: B^T as a contiguous [r, D] tensor, if the caller has made it already. (One
         fused addmm with a contiguous B^T is 1.8x faster, backward included, than
         theta_res + phi @ B.T on a [256, 8] x [8, 1761] product: skinny GEMMs are slow.)"""
         r = self.cfg.latent
         if r == 0:
             return v
-        basis_t = self.basis.T.contiguous() if basis_t is None else basis_t      # [h, D]
-        h, D = basis_t.shape
-        phi = self.features(v[..., :r]).reshape(-1, h)                           # [T * P, h]
-        return torch.addmm(v[..., r:].reshape(-1, D), phi, basis_t).view(*v.shape[:-1], D)  # [..., D]
+        basis_t = self.basis.T.contiguous() if basis_t is None else basis_t      # [r, D]
+        D = basis_t.shape[1]
+        return torch.addmm(v[..., r:].reshape(-1, D), v[..., :r].reshape(-1, r), basis_t).view(*v.shape[:-1], D)
 
     def sample_prior(self, T: int, P: int, gen: torch.Generator):
         """P states per task from the prior: v [T, P, r + D] (with the linear map of z, theta(v) has
@@ -867,15 +846,14 @@ class LDVIMeta(SaveLoad, nn.Module):
 
     def target(self, ctx: Batch) -> Callable:
         """v -> (log gamma(v), grad_v log gamma). The likelihood's gradient in theta is the BNN's
-        written-out backprop g, and J^T g = (B^T g, g) (through the ReLU and A when the map of z
-        is nonlinear): no extra backward pass for the latent."""
+        written-out backprop g, and J^T g = (B^T g, g): no extra backward pass for the latent."""
         last = self.cfg.structure == "last"
         r = 0 if last else self.cfg.latent
         mean, log_std = self.state_prior()                          # [r + D]
         log_norm = -log_std.sum() - 0.5 * mean.shape[0] * LOG_2PI
         prec = torch.exp(-2 * log_std)                              # [r + D]
 
-        basis_t = self.basis.T.contiguous() if r else None                 # B^T [h, D], made once
+        basis_t = self.basis.T.contiguous() if r else None                 # B^T [r, D], made once
 
         def value_and_grad(v):
             if last:  # the last layer integrated out: a likelihood of the hidden layers alone
@@ -883,10 +861,7 @@ class LDVIMeta(SaveLoad, nn.Module):
             else:
                 ll, g = self.bnn.loglik_and_grad(self.theta(v, basis_t), ctx, self.sigma_y)  # [T, P], [T, P, D]
             if r:
-                gz = g @ basis_t.T                                               # B^T g  [T, P, h]
-                if self.cfg.latent_hidden:
-                    gz = gz.masked_fill(self.features(v[..., :r]) <= 0, 0.0) @ self.latent_A  # [T, P, r]
-                g = torch.cat([gz, g], -1)                                       # J^T g  [T, P, r + D]
+                g = torch.cat([g @ basis_t.T, g], -1)                            # J^T g = (B^T g, g)  [T, P, r + D]
             d = v - mean                                                         # [T, P, r + D]
             d_prec = d * prec                                                    # = -grad log prior
             log_prior = log_norm - 0.5 * torch.linalg.vecdot(d, d_prec)          # [T, P]
@@ -934,7 +909,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         u0, noise = draw_noise(self.cfg.kernel, self.cfg.K, (T, P, Dv), gen, m.dtype, m.device)  # [T, P, Dv]
         steps, refresh, betas = self.schedule()
         v, log_w = diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, noise, self.cfg.kernel,
-                             self.cfg.tamed, weights)
+                             True, weights)
         e = empty[:, None, None]                                                 # [T, 1, 1]
         v = torch.where(e, torch.addcmul(m.unsqueeze(1), log_s.exp().unsqueeze(1), u0), v)  # the prior's own draw
         if weights:
@@ -962,10 +937,12 @@ class LDVIMeta(SaveLoad, nn.Module):
             return finite(mean, "LDVI predictive"), self.sigma_y
 
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        """Negative mean ELBO over a random context subset of each task."""
+        """Negative mean ELBO (or IW bound) over a random context subset of each task."""
         ctx = random_subset(batch, gen, self.cfg.min_context)
+        # _sample, not _states: the last-layer draws are not needed here, but skipping them would change the
+        # random stream, and the committed results are reproduced by this code bit for bit
         _, log_w = self._sample(ctx, self.cfg.particles, gen)
-        return -elbo(log_w).mean()
+        return -(elbo(log_w) if self.cfg.objective == "elbo" else iw_bound(log_w)).mean()
 
 
 # -----------------------------------------------------------------------------

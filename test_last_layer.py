@@ -155,8 +155,7 @@ def test_exact_when_the_hidden_layers_are_fixed(kernel, K):
     """Hidden-layer prior std 1e-9 (fixed) and q0 = that prior: the posterior over the last layer is
     conjugate and integrated out, so every log w equals the exact log evidence log p(C) of the
     Bayesian linear model on the network's features at mu_h, for any kernel and K."""
-    model = randomized(last_model(gen(7), kernel=kernel, K=K, hidden_std=1e-9, learn_hidden_std=False,
-                                  components=2)).double()
+    model = randomized(last_model(gen(7), kernel=kernel, K=K, hidden_std=1e-9, components=2)).double()
     with torch.no_grad():
         model.raw_steps.uniform_(-1, 1, generator=gen(8))
         model.raw_betas.uniform_(-2, 2, generator=gen(9))
@@ -240,10 +239,10 @@ def test_training_raises_the_elbo_and_save_load_round_trips(tmp_path):
     ctx = lm.first_n(data, 3)
     a, b = model.predictive(ctx, data.x, 6, gen(28)), back.predictive(ctx, data.x, 6, gen(28))
     assert torch.equal(a[0], b[0])
-    fixed = last_model(gen(29), learn_hidden_std=False, components=3, learn_mix=False)
-    for name in ("hidden_log_std", "mix_logits"):  # fixed, but saved with the model
+    fixed = last_model(gen(29), components=3)
+    for name in ("hidden_log_std", "log_sigma_y"):  # fixed, but saved with the model
         assert name not in dict(fixed.named_parameters()) and name in fixed.state_dict()
-    assert torch.allclose(fixed.last_prior().log_mix.exp(), torch.full((3,), 1 / 3))
+    assert torch.allclose(fixed.last_prior().log_mix.exp(), torch.full((3,), 1 / 3))  # equal at the start
 
 
 def test_the_hmc_gold_standard_runs_on_the_collapsed_target():
@@ -257,8 +256,7 @@ def test_the_hmc_gold_standard_runs_on_the_collapsed_target():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(structure="middle"), "structure"), (dict(components=0), "components"),
     (dict(components=2, structure="all"), "components"), (dict(structure="last", hidden=()), "hidden"),
-    (dict(structure="last", latent_hidden=4), "latent_hidden"), (dict(hidden_std=0), "hidden_std"),
-    (dict(learn_hidden_std="yes"), "learn_hidden_std"), (dict(learn_mix=0), "learn_mix"),
+    (dict(hidden_std=0), "hidden_std"),
 ])
 def test_bad_structure_settings_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -347,7 +345,6 @@ def test_systematic_resampling_keeps_each_particle_in_proportion_to_its_weight()
 @pytest.mark.parametrize("kwargs, name", [
     (dict(structure="all", components=1, hidden_latent=2), "hidden_latent"),
     (dict(hidden_latent=2, hidden_std=0.1), "hidden_std: expected its default 0.001 with hidden_latent > 0"),
-    (dict(hidden_latent=2, learn_hidden_std=True), "learn_hidden_std"),
     (dict(hidden_latent_init=0.5), "hidden_latent_init: expected its default 0.1 with hidden_latent = 0"),
     (dict(hidden_latent=-1), "hidden_latent: expected an integer >= 0"),
     (dict(hidden_latent=2.5), "hidden_latent: expected an integer >= 0"),

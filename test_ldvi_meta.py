@@ -51,7 +51,7 @@ def sinusoid_batch(T, N, g, dtype=torch.float32):
 
 def small_model(g, **kw):
     cfg = dict(hidden=(8, 8), enc_hidden=16, enc_dim=8, K=3, latent=3, particles=4, tasks_per_batch=4, log_every=0,
-               kernel="underdamped", sigma_y=0.5, learn_sigma_y=True, lr=1e-3, lr_final=1.0, structure="all",
+               kernel="underdamped", sigma_y=0.5, lr=1e-3, lr_final=1.0, structure="all",
                components=1)
     cfg.update(kw)
     return LDVIMeta(LDVIConfig(**cfg), g)
@@ -189,10 +189,9 @@ def test_structured_model_with_zero_steps_is_mean_field_vi():
     assert torch.allclose(log_w, ref, atol=1e-9) and torch.allclose(theta, model.theta(v0), atol=1e-12)
 
 
-@pytest.mark.parametrize("latent_hidden", [0, 5])
-def test_structured_target_matches_autograd(latent_hidden):
-    """The analytic score (BNN backprop and J^T g, linear or through relu(A z + a)) against autograd."""
-    model = perturbed(small_model(gen(0), latent=3, latent_hidden=latent_hidden).double())
+def test_structured_target_matches_autograd():
+    """The analytic score (BNN backprop and J^T g) against autograd."""
+    model = perturbed(small_model(gen(0), latent=3).double())
     g = gen(1)
     data = lm.make_batch(*sinusoid_batch(3, 6, g, F64)[:2], torch.rand(3, 6, generator=g) > 0.4)
     for ctx in (data, lm.first_n(data, 0)):
@@ -506,7 +505,7 @@ def test_a_non_finite_gradient_skips_the_update_and_too_many_are_an_error():
     (dict(refresh_init=1.0), "refresh_init"), (dict(particles=0), "particles"), (dict(lr=float("nan")), "lr"),
     (dict(hidden=(40, 0)), "hidden"), (dict(K=2.5), "K: expected an integer"), (dict(K="5"), "K: expected an integer"),
     (dict(hidden=40), "hidden: expected a tuple"), (dict(dx=1.5), "dx"), (dict(latent=-1), "latent"),
-    (dict(lr_final=0.0), "lr_final"), (dict(tamed="yes"), "tamed"), (dict(K=True), "K"),
+    (dict(lr_final=0.0), "lr_final"), (dict(K=True), "K"),
 ])
 def test_bad_config_values(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -99,7 +99,7 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
     ("sinusoid", ["load=m.pt", "K=5", "sigma_y=0.5"], "load=: a saved model keeps the config it was trained "
                                                        "with, so K, sigma_y cannot be set with it"),
     ("sinusoid", ["load=m.pt", "method=NP"], "so method cannot be set with it"),
-    ("sinusiod", [], "FAMILY: expected one of ['linesine', 'sinusoid'"),
+    ("sinusiod", [], "FAMILY: expected one of ['freqsine', 'linesine', 'sinusoid']"),
     ("sinusoid", ["method=ALPACA"], "method: expected one of LDVI-underdamped"),
     ("sinusoid", ["method=ALPaCA", "K=5"], "K: not a field of ALPaCA's GaussianConfig"),
     ("sinusoid", ["Kk=5"], "Kk: not a field of LDVI's LDVIConfig"),
@@ -111,7 +111,7 @@ def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, me
     assert message in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("field, value", [("hidden_std", 0.5), ("learn_hidden_std", True), ("learn_mix", False)])
+@pytest.mark.parametrize("field, value", [("hidden_std", 0.5), ("hidden_latent", 2)])
 def test_a_last_layer_field_with_the_all_weights_prior_is_refused(field, value):
     with pytest.raises(ValueError, match=f"{field}: expected its default .* with structure = 'all'"):
         lm.LDVIConfig(structure="all", components=1, **{field: value})

@@ -116,6 +116,10 @@ def main(out, family, seed, *fields):
         t0 = time.perf_counter()
         model.fit(train, g(4))
         train_s = time.perf_counter() - t0
+        if os.environ.get("SCREEN_MODELS"):  # keep the model for later looks (HMC, priors, resampling)
+            os.makedirs(os.environ["SCREEN_MODELS"], exist_ok=True)
+            model_name = f"{family}_{seed}_" + "_".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ".pt"
+            model.save(os.path.join(os.environ["SCREEN_MODELS"], model_name), train_s=train_s)
     bayes = bayes_rows(family, seed, test)
     scores, ms = bench.evaluate(model, test, CONTEXTS, 1024, g(5), 1, progress=False)
     summary = bench.summaries(scores, test, {n: bayes[n]["exact"] for n in CONTEXTS})
@@ -126,7 +130,11 @@ def main(out, family, seed, *fields):
         row[n]["ess"] = round(ess(model, test, n, g(6)), 1) if n and cls is lm.LDVIMeta else 1024.0
     if getattr(cfg, "structure", None) == "last":
         prior = model.last_prior()
-        row["hidden_std"] = [round(v, 5) for v in model.hidden_log_std.exp().tolist()]
+        if hasattr(model, "hidden_log_std"):
+            row["hidden_std"] = [round(v, 5) for v in model.hidden_log_std.exp().tolist()]
+        else:  # the hidden latent's basis B_h
+            row["hidden_basis_singular_values"] = [round(v, 3) for v in
+                                                   torch.linalg.svdvals(model.hidden_basis.detach()).tolist()]
         row["mix"] = [round(v, 3) for v in prior.log_mix.exp().tolist()]
         row["last_std_median"] = [round(v, 4) for v in prior.log_std.exp().median(-1).values.tolist()]
         row["basis_singular_values"] = [[round(v, 3) for v in torch.linalg.svdvals(b).tolist()]
@@ -142,11 +150,8 @@ def main(out, family, seed, *fields):
         row["gold"] = {k: r[k] for k in ("status", "tasks", "inference_gap", "model_gap", "ours_on_gold_tasks",
                                          "rhat_median", "accept_median", "train_s") if k in r}
         row["gold"]["hmc_lmlhd"] = {n: s["lmlhd"] for n, s in r["scores"].items()} if "scores" in r else None
-    if os.environ.get("SCREEN_MODELS") and not load:  # keep the model for later looks (HMC, priors)
-        os.makedirs(os.environ["SCREEN_MODELS"], exist_ok=True)
-        name = f"{family}_{seed}_" + "_".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ".pt"
-        model.save(os.path.join(os.environ["SCREEN_MODELS"], name), train_s=train_s)
-        row["model"] = name
+    if os.environ.get("SCREEN_MODELS") and not load:
+        row["model"] = model_name
     line = json.dumps(row)
     with open(out, "a") as fh:
         fh.write(line + "\n")
