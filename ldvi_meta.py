@@ -60,8 +60,6 @@ References
   [11] J. Wilson, V. Borovitskiy, A. Terenin, P. Mostowsky, M. Deisenroth. Efficiently
       sampling functions from Gaussian process posteriors. ICML 2020 (pathwise conditioning).
   [12] G. Casella, C. Robert. Rao-Blackwellisation of sampling schemes. Biometrika, 1996.
-  [13] G. Kitagawa. Monte Carlo filter and smoother for non-Gaussian nonlinear state space
-      models. Journal of Computational and Graphical Statistics, 1996 (systematic resampling).
 """
 from __future__ import annotations
 
@@ -111,7 +109,6 @@ class LDVIConfig:
     hidden_latent: int = 0            # "last": r_h > 0 makes the hidden layers mu_h + B_h z_h, z_h ~ N(0, I_rh): the
                                       # sampler's state is then z_h alone (features that move from task to task)
     hidden_latent_init: float = 0.1   # B_h starts at this times N(0, 1) times each layer's init scale 1/sqrt(fan_in)
-    resample: bool = False            # predict with the particles resampled by their importance weights
     objective: str = "elbo"           # meta-training maximizes the mean "elbo" or the importance-weighted "iw" bound
     components: int = 2               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
     kernel: str = "overdamped"        # "overdamped" or "underdamped" diffusion kernel
@@ -146,7 +143,6 @@ class LDVIConfig:
         _require(self.structure in STRUCTURES, "structure", f"one of {STRUCTURES}", self.structure)
         _require_fields(self, ("components",), *INT_GE1)
         _require_fields(self, ("hidden_std",), *POSITIVE)
-        _require_fields(self, ("resample",), *BOOL)
         _require_fields(self, ("hidden_latent",), *INT_GE0)
         _require_fields(self, ("hidden_latent_init",), *POSITIVE)
         if self.structure == "last":
@@ -604,16 +600,6 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, noise, kern
     return v, torch.where(torch.isnan(log_w), -torch.inf, log_w)  # [T, P, D], [T, P]
 
 
-def systematic_resample(log_w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Indices [T, P] of P particles per task resampled in proportion to exp(log w) [T, P]: systematic
-    resampling [13], one uniform per task. Equal weights return every particle once (in order)."""
-    T, P = log_w.shape
-    cdf = torch.softmax(log_w.double(), -1).cumsum(-1)                           # [T, P]
-    u = (torch.rand(T, 1, generator=gen, dtype=torch.float64, device=log_w.device)
-         + torch.arange(P, dtype=torch.float64, device=log_w.device)) / P       # [T, P]
-    return torch.searchsorted(cdf, u).clamp(max=P - 1)                          # [T, P]
-
-
 def elbo(log_w: torch.Tensor) -> torch.Tensor:
     """Per-task ELBO estimate: mean over particles of log w [T, P] -> [T]."""
     return log_w.mean(-1)
@@ -926,14 +912,8 @@ class LDVIMeta(SaveLoad, nn.Module):
         x_target, S = check_inputs(x_target, ctx, self.cfg.dx), check_samples(S)
         check_generator(gen, self.prior_mean)
         with torch.no_grad():
-            blocks = [min(SAMPLE_BLOCK, S - s) for s in range(0, S, SAMPLE_BLOCK)]
-            if self.cfg.resample:  # all S states and weights first, then S of them by systematic resampling
-                v, log_w = (torch.cat(t, 1) for t in zip(*(self._states(ctx, b, gen) for b in blocks)))
-                v = v.gather(1, systematic_resample(log_w, gen).unsqueeze(-1).expand_as(v))  # [T, S, Dv]
-                states = v.split(blocks, 1)
-            else:
-                states = (self._states(ctx, b, gen, weights=False)[0] for b in blocks)
-            mean = torch.cat([self.bnn(self.weights(v, ctx, gen), x_target) for v in states], 1)  # [T, S, M, dy]
+            mean = torch.cat([self.bnn(self._sample(ctx, min(SAMPLE_BLOCK, S - s), gen, weights=False)[0], x_target)
+                              for s in range(0, S, SAMPLE_BLOCK)], 1)                # [T, S, M, dy]
             return finite(mean, "LDVI predictive"), self.sigma_y
 
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:

@@ -316,7 +316,7 @@ def test_hidden_latent_K0_is_mean_field_vi():
 
 def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path):
     data = sinusoid_batch(8, 8, gen(52))
-    model = last_model(gen(53), iters=40, hidden_std=1e-3, hidden_latent=2, resample=True)
+    model = last_model(gen(53), iters=40, hidden_std=1e-3, hidden_latent=2, objective="iw")
     before = sum(-model.loss(data, gen(54)).item() for _ in range(5))
     model.fit(data, gen(55))
     assert sum(-model.loss(data, gen(54)).item() for _ in range(5)) > before
@@ -329,19 +329,6 @@ def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path):
     assert torch.isfinite(ref.predictive(ctx, data.x, 8, gen(57))[0]).all()
 
 
-def test_systematic_resampling_keeps_each_particle_in_proportion_to_its_weight():
-    P = 12
-    log_w = torch.log(torch.tensor([[0.5, 0.25, 0.25] + [0.0] * (P - 3),
-                                    [1 / P] * P]).clamp(min=1e-300))            # [2, P]
-    for seed in range(20):
-        idx = lm.systematic_resample(log_w, gen(seed))
-        assert torch.equal(torch.bincount(idx[0], minlength=P)[:3], torch.tensor([6, 3, 3]))  # exactly P w
-        assert torch.equal(idx[1], torch.arange(P))                           # equal weights: each once
-    w = torch.softmax(torch.randn(3, 50, generator=gen(60), dtype=F64), -1)
-    counts = torch.stack([torch.bincount(i, minlength=50) for i in lm.systematic_resample(w.log(), gen(61))])
-    assert ((counts - 50 * w).abs() < 1).all()                                 # floor or ceil of P w
-
-
 @pytest.mark.parametrize("kwargs, name", [
     (dict(structure="all", components=1, hidden_latent=2), "hidden_latent"),
     (dict(hidden_latent=2, hidden_std=0.1), "hidden_std: expected its default 0.001 with hidden_latent > 0"),
@@ -349,7 +336,7 @@ def test_systematic_resampling_keeps_each_particle_in_proportion_to_its_weight()
     (dict(hidden_latent=-1), "hidden_latent: expected an integer >= 0"),
     (dict(hidden_latent=2.5), "hidden_latent: expected an integer >= 0"),
     (dict(hidden_latent=2, hidden_latent_init=0), "hidden_latent_init: expected a finite number > 0"),
-    (dict(resample="yes"), "resample: expected True or False"),
+    (dict(objective="iwae"), "objective: expected one of"),
 ])
 def test_bad_hidden_latent_settings_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):

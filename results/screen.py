@@ -10,7 +10,7 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
     python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
-        (a saved screening model, no training, optionally with resample=True; gold=N adds bench.py's HMC gold standard on the first N
+        (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
         of the 64 tasks at n = 1, 2, 4: the inference gap ours - HMC, the split R-hat and the acceptance)
 """
 import ast
@@ -81,7 +81,7 @@ def configure(family: str, fields) -> tuple:
     method = overrides.pop("method", None)
     if method is not None and method not in bench.METHODS:
         raise SystemExit(f"method: expected one of {', '.join(bench.METHODS)}, got {method!r}")
-    extra = sorted(set(overrides) - {"load", "gold", "resample"}) + (["method"] if method is not None else [])
+    extra = sorted(set(overrides) - {"load", "gold"}) + (["method"] if method is not None else [])
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -107,10 +107,9 @@ def main(out, family, seed, *fields):
     train, _, _ = tasks.make_tasks(fam, 64, 16, 0.25, g(1))
     test, _, _ = tasks.make_tasks(fam, 256, 64, 0.25, g(2))
     test = lm.Batch(*(t[:TASKS] for t in test))
-    if load:  # resample= changes only how it predicts, so it may be set
+    if load:
         model = lm.LDVIMeta.load(load)
-        model.cfg = cfg = dataclasses.replace(model.cfg, **{k: v for k, v in overrides.items() if k == "resample"})
-        train_s = 0.0
+        cfg, train_s = model.cfg, 0.0
     else:
         model = cls(cfg, g(3))
         t0 = time.perf_counter()
