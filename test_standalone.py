@@ -89,7 +89,9 @@ def screen_module():
 
 
 def test_screen_applies_every_field_it_records_to_a_baseline():
-    overrides, _, load, cls, cfg = screen_module().configure("sinusoid", ["method=ALPaCA", "iters=2", "features=8"])
+    overrides, (gold, meta_tasks), load, cls, cfg = screen_module().configure(
+        "sinusoid", ["method=ALPaCA", "iters=2", "features=8", "meta_tasks=128"])
+    assert (gold, meta_tasks) == (0, 128)
     assert cls is bl.GaussianModel and load is None
     assert (cfg.iters, cfg.features, cfg.kernel) == (2, 8, "linear")
     assert overrides == dict(iters=2, features=8, method="ALPaCA")
@@ -104,6 +106,7 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
     ("sinusoid", ["method=ALPaCA", "K=5"], "K: not a field of ALPaCA's GaussianConfig"),
     ("sinusoid", ["Kk=5"], "Kk: not a field of LDVI's LDVIConfig"),
     ("sinusoid", ["K=-1"], "K: expected an integer >= 0"),
+    ("sinusoid", ["meta_tasks=0"], "meta_tasks: expected an integer >= 1"),
 ])
 def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, message):
     with pytest.raises(SystemExit) as info:

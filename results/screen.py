@@ -7,7 +7,8 @@ appends one JSON line per run: median LMLHD, failures (> 20 nats below the Bayes
 the 10% quantile and the calibration error at each n, the training time and, at each n, the
 median effective sample size of the importance weights of 1024 particles (ESS, from 1 to 1024).
 
-    python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last)
+    python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last;
+        meta_tasks=N trains on N meta-training tasks instead of the benchmark's 64)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
         (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
@@ -81,19 +82,22 @@ def configure(family: str, fields) -> tuple:
     method = overrides.pop("method", None)
     if method is not None and method not in bench.METHODS:
         raise SystemExit(f"method: expected one of {', '.join(bench.METHODS)}, got {method!r}")
-    extra = sorted(set(overrides) - {"load", "gold"}) + (["method"] if method is not None else [])
+    extra = sorted(set(overrides) - {"load", "gold", "meta_tasks"}) + (["method"] if method is not None else [])
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
     gold = overrides.pop("gold", 0)
+    meta_tasks = overrides.pop("meta_tasks", 64)
+    if not (isinstance(meta_tasks, int) and meta_tasks >= 1):
+        raise SystemExit(f"meta_tasks: expected an integer >= 1, got {meta_tasks!r}")
     if "load" in overrides:  # a model saved by an earlier screening run: its config, no training
-        return overrides, gold, overrides["load"], lm.LDVIMeta, None
+        return overrides, (gold, meta_tasks), overrides["load"], lm.LDVIMeta, None
     if method is not None:  # a method of the benchmark, as bench.py configures it, with these fields changed
         args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json")])
         cls, cfg = bench.method_configs(args)[method]
         cfg = replace_fields(cfg, dict(overrides, log_every=0), method)
-        return dict(overrides, method=method), gold, None, cls, cfg
-    return overrides, gold, None, lm.LDVIMeta, replace_fields(lm.LDVIConfig(sigma_y=0.25),
+        return dict(overrides, method=method), (gold, meta_tasks), None, cls, cfg
+    return overrides, (gold, meta_tasks), None, lm.LDVIMeta, replace_fields(lm.LDVIConfig(sigma_y=0.25),
                                                                dict(overrides, log_every=0), "LDVI")
 
 
@@ -101,10 +105,12 @@ def main(out, family, seed, *fields):
     if not seed.isdigit():
         raise SystemExit(f"SEED: expected an integer >= 0, got {seed!r}")
     seed = int(seed)
-    overrides, gold, load, cls, cfg = configure(family, fields)
+    overrides, (gold, meta_tasks), load, cls, cfg = configure(family, fields)
+    if meta_tasks != 64:
+        overrides["meta_tasks"] = meta_tasks  # recorded with the row
     g = lambda k: torch.Generator().manual_seed(1000 * seed + k)  # noqa: E731
     fam = tasks.TASKS[family]
-    train, _, _ = tasks.make_tasks(fam, 64, 16, 0.25, g(1))
+    train, _, _ = tasks.make_tasks(fam, meta_tasks, 16, 0.25, g(1))
     test, _, _ = tasks.make_tasks(fam, 256, 64, 0.25, g(2))
     test = lm.Batch(*(t[:TASKS] for t in test))
     if load:
