@@ -107,9 +107,11 @@ class LDVIConfig:
                                       # given the hidden layers and integrated out exactly; "all": every weight
     hidden_std: float = 1e-3          # "last": prior std of the hidden-layer weights (fixed)
     hidden_latent: int = 0            # "last": r_h > 0 makes the hidden layers mu_h + B_h z_h, z_h ~ N(0, I_rh): the
-                                      # sampler's state is then z_h alone (features that move from task to task)
+                                      # sampler's state is then z_h alone (features that move from task to task;
+                                      # under study on freqsine, not yet used by a row of the benchmark)
     hidden_latent_init: float = 0.1   # B_h starts at this times N(0, 1) times each layer's init scale 1/sqrt(fan_in)
-    objective: str = "elbo"           # meta-training maximizes the mean "elbo" or the importance-weighted "iw" bound
+    objective: str = "elbo"           # meta-training maximizes the mean "elbo" or the importance-weighted "iw"
+                                      # bound (under study, like hidden_latent)
     components: int = 2               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
     kernel: str = "overdamped"        # "overdamped" or "underdamped" diffusion kernel
     K: int = 5                        # number of diffusion steps (0 = amortized mean-field VI)
@@ -117,7 +119,7 @@ class LDVIConfig:
     refresh_init: float = 0.8         # initial momentum refresh factor c_k (underdamped)
     prior_std_init: float = 1e-3      # initial std sigma of the residual weights in the prior ("last": of the
                                       # last layer's diagonal part s)
-    sigma_y: float = 0.25             # observation noise std: SET IT to your data's (initial value when learned)
+    sigma_y: float = 0.25             # observation noise std (fixed): SET IT to your data's
     enc_hidden: int = 128             # width of the set-encoder MLPs
     enc_dim: int = 64                 # dimension of the set representation r
     particles: int = 16               # particles per task during meta-training
@@ -895,7 +897,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         u0, noise = draw_noise(self.cfg.kernel, self.cfg.K, (T, P, Dv), gen, m.dtype, m.device)  # [T, P, Dv]
         steps, refresh, betas = self.schedule()
         v, log_w = diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, noise, self.cfg.kernel,
-                             True, weights)
+                             tamed=True, weights=weights)
         e = empty[:, None, None]                                                 # [T, 1, 1]
         v = torch.where(e, torch.addcmul(m.unsqueeze(1), log_s.exp().unsqueeze(1), u0), v)  # the prior's own draw
         if weights:
