@@ -131,6 +131,11 @@ class LDVIConfig:
     clip: float = 10.0                # gradient-norm clipping threshold
     log_every: int = 100              # progress line on stderr every this many iterations (0: never)
 
+    def _require_default(self, name: str, why: str) -> None:
+        """A field that would do nothing in this configuration is refused unless left at its default."""
+        default = type(self).__dataclass_fields__[name].default
+        _require(getattr(self, name) == default, name, f"its default {default!r} {why}", getattr(self, name))
+
     def __post_init__(self):
         _require(self.kernel in KERNELS, "kernel", f"one of {KERNELS}", self.kernel)
         _require(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}", self.objective)
@@ -153,18 +158,13 @@ class LDVIConfig:
             _require(self.components == 1, "components", "1 with structure = 'all' (mixtures need 'last')",
                      self.components)
             for name in ("hidden_std", "hidden_latent", "hidden_latent_init"):
-                default = type(self).__dataclass_fields__[name].default
-                _require(getattr(self, name) == default, name, f"its default {default!r} with structure = 'all' "
-                         "(it sets the last-layer prior of structure = 'last' and does nothing here)",
-                         getattr(self, name))
+                self._require_default(name, "with structure = 'all' (it sets the last-layer prior of structure = "
+                                      "'last' and does nothing here)")
         if self.hidden_latent:  # the hidden layers are mu_h + B_h z_h exactly: no per-layer std to set
-            default = type(self).__dataclass_fields__["hidden_std"].default
-            _require(self.hidden_std == default, "hidden_std", f"its default {default!r} with hidden_latent > 0 "
-                     "(the hidden layers are then mu_h + B_h z_h, with no per-layer std)", self.hidden_std)
+            self._require_default("hidden_std", "with hidden_latent > 0 (the hidden layers are then mu_h + B_h z_h, "
+                                  "with no per-layer std)")
         else:
-            default = type(self).__dataclass_fields__["hidden_latent_init"].default
-            _require(self.hidden_latent_init == default, "hidden_latent_init", f"its default {default!r} with "
-                     "hidden_latent = 0 (there is no B_h to initialize)", self.hidden_latent_init)
+            self._require_default("hidden_latent_init", "with hidden_latent = 0 (there is no B_h to initialize)")
         _require(self.sigma_y >= MIN_SIGMA_Y, "sigma_y", f"a noise std >= {MIN_SIGMA_Y:g} (a smaller one is below "
                  "what the float64 evidence can resolve; rescale the data instead)", self.sigma_y)
 
