@@ -110,6 +110,9 @@ class LDVIConfig:
                                       # sampler's state is then z_h alone (features that move from task to task;
                                       # under study on freqsine, not yet used by a row of the benchmark)
     hidden_latent_init: float = 0.1   # B_h starts at this times N(0, 1) times each layer's init scale 1/sqrt(fan_in)
+    input_scale: float = 0.0          # with r_h > 0: > 0 adds a task-level log length-scale per input, z_s ~ N(0, I),
+                                      # the first layer's weights of input i times about exp(tau_i z_s,i); tau_i
+                                      # is learned and starts here (0: none; under study, like hidden_latent)
     objective: str = "elbo"           # meta-training maximizes the mean "elbo" or the importance-weighted "iw"
                                       # bound (under study, like hidden_latent)
     components: int = 2               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
@@ -152,12 +155,14 @@ class LDVIConfig:
         _require_fields(self, ("hidden_std",), *POSITIVE)
         _require_fields(self, ("hidden_latent",), *INT_GE0)
         _require_fields(self, ("hidden_latent_init",), *POSITIVE)
+        _require(_is_real(self.input_scale) and 0 <= self.input_scale < math.inf, "input_scale",
+                 "a finite number >= 0 (0: no input scales)", self.input_scale)
         if self.structure == "last":
             _require(len(self.hidden) >= 1, "hidden", "at least one hidden layer with structure = 'last'", self.hidden)
         else:  # the fields of the last-layer prior do nothing here: refused unless left at their defaults
             _require(self.components == 1, "components", "1 with structure = 'all' (mixtures need 'last')",
                      self.components)
-            for name in ("hidden_std", "hidden_latent", "hidden_latent_init"):
+            for name in ("hidden_std", "hidden_latent", "hidden_latent_init", "input_scale"):
                 self._require_default(name, "with structure = 'all' (it sets the last-layer prior of structure = "
                                       "'last' and does nothing here)")
         if self.hidden_latent:  # the hidden layers are mu_h + B_h z_h exactly: no per-layer std to set
@@ -165,6 +170,8 @@ class LDVIConfig:
                                   "with no per-layer std)")
         else:
             self._require_default("hidden_latent_init", "with hidden_latent = 0 (there is no B_h to initialize)")
+            self._require_default("input_scale", "with hidden_latent = 0 (input scales are part of the hidden "
+                                  "latent's state)")
         _require(self.sigma_y >= MIN_SIGMA_Y, "sigma_y", f"a noise std >= {MIN_SIGMA_Y:g} (a smaller one is below "
                  "what the float64 evidence can resolve; rescale the data instead)", self.sigma_y)
 
@@ -400,6 +407,7 @@ def last_layer_draw(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, noise_
 # standard-normal draws for the large particle tensors
 
 RNG_BLOCK = 1 << 18    # numbers per independently seeded block of a large CPU draw
+LOG_SCALE_MAX = 3.0   # input scales stay within [e^-3, e^3] (a bound on the sampler's excursions)
 SAMPLE_BLOCK = 256     # particles per block when predicting with many samples
 _rng_pool: ThreadPoolExecutor | None = None
 
@@ -684,7 +692,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         D, K, r = self.bnn.n_params, cfg.K, cfg.latent
         if cfg.structure == "last":
             self._init_last_layer_prior(gen)
-            D, r = cfg.hidden_latent or self.feature_bnn.n_params, 0  # the state: z_h, or the hidden layers' weights
+            D, r = self.n_latent or self.feature_bnn.n_params, 0  # the state: (z_h, z_s), or the hidden layers' weights
         else:
             self.prior_mean = nn.Parameter(self.bnn.init(gen))                            # mu [D]
             self.prior_log_std = nn.Parameter(torch.full((D,), math.log(cfg.prior_std_init)))  # log sigma [D]
@@ -713,6 +721,8 @@ class LDVIMeta(SaveLoad, nn.Module):
             scale = torch.cat([torch.full((n,), 1 / math.sqrt(a)) for n, (a, _) in zip(sizes, self.feature_bnn.shapes)])
             self.hidden_basis = nn.Parameter(cfg.hidden_latent_init * scale[:, None]
                                              * torch.randn(Dh, cfg.hidden_latent, generator=gen))  # [Dh, r_h]
+            if cfg.input_scale:  # log tau_i, the prior std of input i's log length-scale
+                self.input_log_scale = nn.Parameter(torch.full((cfg.dx,), math.log(cfg.input_scale)))  # [dx]
         else:
             log_h = torch.full((len(cfg.hidden),), math.log(cfg.hidden_std))    # log sigma_l per hidden layer
             self.register_buffer("hidden_log_std", log_h)
@@ -736,24 +746,63 @@ class LDVIMeta(SaveLoad, nn.Module):
         ones = torch.ones_like(pre[..., :1])                                     # [T, P, N, 1]
         return torch.cat([F.relu(pre), ones], -1) * mask[:, None, :, None]      # [T, P, N, H + 1]
 
+    @property
+    def n_latent(self) -> int:
+        """Dimension of the hidden latent's state (z_h, z_s): r_h, plus dx with input scales (0: none)."""
+        cfg = self.cfg
+        return cfg.hidden_latent + (cfg.dx if cfg.input_scale else 0)
+
+    def _input_scales(self, v: torch.Tensor):
+        """The task's scale of each input's first-layer weights, exp(c tanh(tau_i z_s,i / c)) [T, P, dx, 1]
+        (about exp(tau_i z_s,i), but never beyond e^+-c, c = LOG_SCALE_MAX: a sampler's excursion cannot
+        overflow the features), and the derivative of its log in z_s [T, P, dx]."""
+        tau = self.input_log_scale.exp()                                         # [dx]
+        t = torch.tanh(v[..., self.cfg.hidden_latent:] * (tau / LOG_SCALE_MAX))  # [T, P, dx]
+        scale = torch.exp(LOG_SCALE_MAX * t)                                     # [T, P, dx]
+        return scale.unsqueeze(-1), tau * (1 - t * t)
+
     def hidden_weights(self, v: torch.Tensor) -> torch.Tensor:
         """The hidden layers' weights theta_h [T, P, Dh] of states v [T, P, .]: v itself, or with a hidden
-        latent (r_h > 0) mu_h + B_h z_h."""
-        if not self.cfg.hidden_latent:
+        latent (r_h > 0) mu_h + B_h z_h, whose first-layer weights of input i are then scaled by
+        _input_scales if there are input scales (a task-level length-scale per input: the
+        network's function of x becomes its function of x * scale)."""
+        cfg = self.cfg
+        if not cfg.hidden_latent:
             return v
-        T, P, r = v.shape
-        return torch.addmm(self.prior_mean, v.reshape(T * P, r), self.hidden_basis.T).view(T, P, -1)  # [T, P, Dh]
+        T, P, r = *v.shape[:2], cfg.hidden_latent
+        z_h = v[..., :r].reshape(T * P, r)                                       # [TP, r_h]
+        theta = torch.addmm(self.prior_mean, z_h, self.hidden_basis.T).view(T, P, -1)  # [T, P, Dh]
+        if not cfg.input_scale:
+            return theta
+        n1 = cfg.dx * cfg.hidden[0]                                              # first-layer weights W_1 [dx, H_1]
+        W1 = theta[..., :n1].unflatten(-1, (cfg.dx, cfg.hidden[0])) * self._input_scales(v)[0]  # [T, P, dx, H_1]
+        return torch.cat([W1.flatten(-2), theta[..., n1:]], -1)                  # [T, P, Dh]
+
+    def _hidden_latent_grad(self, v: torch.Tensor, theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The gradient in the state (z_h, z_s) [T, P, r_h (+ dx)] from g = d L / d theta_h [T, P, Dh], with
+        theta = hidden_weights(v): B_h^T (g, with W_1's part times the scales), and for z_s,i
+        d log s_i / d z_s,i * sum_j g_W1[i, j] W1[i, j] (W1 scaled)."""
+        cfg = self.cfg
+        if not cfg.input_scale:
+            return g @ self.hidden_basis                                         # B_h^T g  [T, P, r_h]
+        n1, shape = cfg.dx * cfg.hidden[0], (cfg.dx, cfg.hidden[0])
+        scale, dlog = self._input_scales(v)                                      # [T, P, dx, 1], [T, P, dx]
+        gW1 = g[..., :n1].unflatten(-1, shape)                                   # [T, P, dx, H_1]
+        g_s = (gW1 * theta[..., :n1].unflatten(-1, shape)).sum(-1) * dlog        # [T, P, dx]
+        g0 = torch.cat([(gW1 * scale).flatten(-2), g[..., n1:]], -1)             # d L / d (mu_h + B_h z_h)
+        return torch.cat([g0 @ self.hidden_basis, g_s], -1)                     # [T, P, r_h + dx]
 
     def _collapsed(self, v: torch.Tensor, ctx: Batch):
         """structure = "last": log p(C | theta_h) with the last layer integrated out [T, P], its
         gradient in theta_h [T, P, Dh] (the BNN's written-out backprop from the design's gradient),
         and what last_layer_draw needs (Phi and the factors)."""
-        pre, backprop = self.feature_bnn.forward_and_backprop(self.hidden_weights(v), ctx.x)  # [T, P, N, H]
+        theta = self.hidden_weights(v)                                           # [T, P, Dh]
+        pre, backprop = self.feature_bnn.forward_and_backprop(theta, ctx.x)     # [T, P, N, H]
         Phi = self._design(pre, ctx.mask)                                        # [T, P, N, H + 1]
         ll, dPhi, pieces = last_layer_evidence(Phi, ctx, self.last_prior(), self.sigma_y ** 2)
         g = backprop(dPhi[..., :-1].to(pre.dtype).masked_fill(pre <= 0, 0.0))  # through the ReLU: [T, P, Dh]
         if self.cfg.hidden_latent:
-            g = g @ self.hidden_basis                                            # B_h^T g  [T, P, r_h]
+            g = self._hidden_latent_grad(v, theta, g)                            # [T, P, r_h (+ dx)]
         return ll.to(v.dtype), g, (Phi, pieces)
 
     def context_loglik(self, v: torch.Tensor, ctx: Batch) -> torch.Tensor:
@@ -801,7 +850,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         structure = "last": over the hidden layers' weights, N(mu_h, diag sigma_l^2) [Dh]."""
         if self.cfg.structure == "last":
             if self.cfg.hidden_latent:
-                zeros = self.prior_mean.new_zeros(self.cfg.hidden_latent)        # z_h ~ N(0, I)
+                zeros = self.prior_mean.new_zeros(self.n_latent)                 # (z_h, z_s) ~ N(0, I)
                 return zeros, zeros
             return self.prior_mean, self.hidden_log_std.repeat_interleave(self.layer_sizes)
         zeros = self.prior_mean.new_zeros(self.cfg.latent)

@@ -213,10 +213,12 @@ def test_an_empty_context_draws_the_prior_exactly_without_encoder_or_diffusion(m
     assert abs(w.mean() - mean) < 5 * var.sqrt() / math.sqrt(20_000) and abs(w.var() / var - 1) < 0.05
 
 
-@pytest.mark.parametrize("hidden_latent", [0, 3])
-def test_K0_is_mean_field_vi_on_the_collapsed_target(hidden_latent):
-    """K = 0: log w is the mean-field VI term, with the hidden layers as the state or with a hidden latent."""
-    model = (latent_model(gen(48), K=0) if hidden_latent else randomized(last_model(gen(20), K=0))).double()
+@pytest.mark.parametrize("hidden_latent, input_scale", [(0, 0.0), (3, 0.0), (3, 0.6)])
+def test_K0_is_mean_field_vi_on_the_collapsed_target(hidden_latent, input_scale):
+    """K = 0: log w is the mean-field VI term, with the hidden layers as the state or with a hidden latent
+    (with and without an input scale)."""
+    model = (latent_model(gen(48), K=0, input_scale=input_scale) if hidden_latent
+             else randomized(last_model(gen(20), K=0))).double()
     with torch.no_grad():
         for p in model.encoder.head[-1].parameters():
             p.normal_(0, 0.1, generator=gen(21))
@@ -290,6 +292,31 @@ def test_the_hidden_latent_target_matches_autograd():
     assert torch.allclose(theta[..., :Dh], plain, atol=1e-12)
 
 
+def test_input_scales_target_matches_autograd_and_scale_the_inputs():
+    """With input scales the state is (z_h, z_s): the analytic score agrees with autograd, and the
+    network of state (z_h, z_s) at x is the network of (z_h, 0) at x * exp(c tanh(tau z_s / c)), per
+    input (about x * exp(tau z_s); c = LOG_SCALE_MAX bounds the scale)."""
+    model = latent_model(gen(60), components=2, dx=2, input_scale=0.7).double()
+    x = torch.rand(3, 6, 2, generator=gen(61), dtype=F64) * 4 - 2                # [3, 6, 2]
+    data = lm.make_batch(x, torch.sin(x.sum(-1, keepdim=True)))                  # [3, 6, 1]
+    v = 1.5 * model.sample_prior(3, 5, gen(62))                                  # [3, 5, r_h + dx]
+    assert v.shape == (3, 5, 5)
+    v[1, 2, 4] = -4.0                                                            # where the bound bends
+    value, grad = model.target(data)(v)
+    ref_value, ref_grad = lm.autograd_target(lambda v: model.log_joint(v, data))(v)
+    assert torch.allclose(value, ref_value, atol=1e-10) and torch.allclose(grad, ref_grad, atol=1e-9)
+    tau, c = 0.7, lm.LOG_SCALE_MAX
+    v[0, 0, 3] = 30.0                                                            # far out: the bound acts
+    for t in range(3):
+        for p in range(5):
+            unscaled = torch.cat([v[t, p, :3], torch.zeros(2, dtype=F64)])        # z_s = 0
+            theta0 = model.hidden_weights(unscaled[None, None])                    # [1, 1, Dh]
+            x_scaled = x[t] * torch.exp(c * torch.tanh(tau * v[t, p, 3:] / c))    # [6, 2]
+            plain = model.feature_bnn(theta0, x_scaled[None])                     # [1, 1, 6, H]
+            ours = model.feature_bnn(model.hidden_weights(v[t:t + 1, p:p + 1]), x[t:t + 1])
+            assert torch.allclose(ours, plain, atol=1e-12)
+
+
 def test_hidden_latent_weights_are_unbiased_against_prior_monte_carlo():
     """With the state z_h three-dimensional, plain prior Monte Carlo gives log p(C) to a few hundredths;
     the IW bound of many diffusion particles must agree, and the ELBO lie below it."""
@@ -303,9 +330,10 @@ def test_hidden_latent_weights_are_unbiased_against_prior_monte_carlo():
     assert (lm.elbo(log_w) <= lm.iw_bound(log_w)).all()
 
 
-def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path):
+@pytest.mark.parametrize("input_scale", [0.0, 0.3])
+def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path, input_scale):
     data = sinusoid_batch(8, 8, gen(52))
-    model = last_model(gen(53), iters=40, hidden_std=1e-3, hidden_latent=2, objective="iw")
+    model = last_model(gen(53), iters=40, hidden_std=1e-3, hidden_latent=2, objective="iw", input_scale=input_scale)
     before = sum(-model.loss(data, gen(54)).item() for _ in range(5))
     model.fit(data, gen(55))
     assert sum(-model.loss(data, gen(54)).item() for _ in range(5)) > before
@@ -326,6 +354,12 @@ def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path):
     (dict(hidden_latent=2.5), "hidden_latent: expected an integer >= 0"),
     (dict(hidden_latent=2, hidden_latent_init=0), "hidden_latent_init: expected a finite number > 0"),
     (dict(objective="iwae"), "objective: expected one of"),
+    (dict(input_scale=0.5), "input_scale: expected its default 0.0 with hidden_latent = 0"),
+    (dict(structure="all", components=1, input_scale=0.5), "input_scale: expected its default 0.0 with structure"),
+    (dict(hidden_latent=2, input_scale=-0.1), r"input_scale: expected a finite number >= 0"),
+    (dict(hidden_latent=2, input_scale=float("nan")), r"input_scale: expected a finite number >= 0"),
+    (dict(hidden_latent=2, input_scale=True), r"input_scale: expected a finite number >= 0"),
+    (dict(hidden_latent=2, input_scale="0.3"), r"input_scale: expected a finite number >= 0"),
 ])
 def test_bad_hidden_latent_settings_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):

@@ -8,7 +8,8 @@ the 10% quantile and the calibration error at each n, the training time and, at 
 median effective sample size of the importance weights of 1024 particles (ESS, from 1 to 1024).
 
     python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last;
-        meta_tasks=N trains on N meta-training tasks instead of the benchmark's 64)
+        meta_tasks=N trains on N meta-training tasks instead of the benchmark's 64; replicate=N > 0 draws
+        the model's init and training stream afresh, on the same data and test tasks: the training noise)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
         (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
@@ -105,10 +106,21 @@ def main(out, family, seed, *fields):
     if not seed.isdigit():
         raise SystemExit(f"SEED: expected an integer >= 0, got {seed!r}")
     seed = int(seed)
+    rep = [f for f in fields if f.startswith("replicate=")]
+    fields = [f for f in fields if not f.startswith("replicate=")]
+    replicate = rep[-1].partition("=")[2] if rep else "0"
+    if not replicate.isdigit():
+        raise SystemExit(f"replicate: expected an integer >= 0, got {replicate!r}")
+    replicate = int(replicate)
     overrides, (gold, meta_tasks), load, cls, cfg = configure(family, fields)
     if meta_tasks != 64:
         overrides["meta_tasks"] = meta_tasks  # recorded with the row
     g = lambda k: torch.Generator().manual_seed(1000 * seed + k)  # noqa: E731
+    if replicate:  # another model init and training stream on the same data and test tasks
+        overrides["replicate"] = replicate
+        g_data = g
+        g = lambda k: g_data(k) if k in (1, 2, 5, 6, 8) else torch.Generator().manual_seed(  # noqa: E731
+            1000 * seed + k + 100 * replicate)
     fam = tasks.TASKS[family]
     train, _, _ = tasks.make_tasks(fam, meta_tasks, 16, 0.25, g(1))
     test, _, _ = tasks.make_tasks(fam, 256, 64, 0.25, g(2))
@@ -140,6 +152,8 @@ def main(out, family, seed, *fields):
         else:  # the hidden latent's basis B_h
             row["hidden_basis_singular_values"] = [round(v, 3) for v in
                                                    torch.linalg.svdvals(model.hidden_basis.detach()).tolist()]
+            if hasattr(model, "input_log_scale"):  # the learned prior std tau of each input's log length-scale
+                row["input_scale_tau"] = [round(v, 4) for v in model.input_log_scale.exp().tolist()]
         row["mix"] = [round(v, 3) for v in prior.log_mix.exp().tolist()]
         row["last_std_median"] = [round(v, 4) for v in prior.log_std.exp().median(-1).values.tolist()]
         row["basis_singular_values"] = [[round(v, 3) for v in torch.linalg.svdvals(b).tolist()]
