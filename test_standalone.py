@@ -95,6 +95,8 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
     assert cls is bl.GaussianModel and load is None
     assert (cfg.iters, cfg.features, cfg.kernel) == (2, 8, "linear")
     assert overrides == dict(iters=2, features=8, method="ALPaCA")
+    overrides, _, _, cls, cfg = screen_module().configure("sinusoid", ["K=0", "replicate=2"])
+    assert overrides == dict(K=0, replicate=2) and cls is lm.LDVIMeta and cfg.K == 0  # recorded, not a field
 
 
 @pytest.mark.parametrize("family, fields, message", [
@@ -107,6 +109,10 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
     ("sinusoid", ["Kk=5"], "Kk: not a field of LDVI's LDVIConfig"),
     ("sinusoid", ["K=-1"], "K: expected an integer >= 0"),
     ("sinusoid", ["meta_tasks=0"], "meta_tasks: expected an integer >= 1"),
+    ("sinusoid", ["replicate=-1"], "replicate: expected an integer >= 0, got -1"),
+    ("sinusoid", ["replicate=1.5"], "replicate: expected an integer >= 0, got 1.5"),
+    ("sinusoid", ["replicate=two"], "replicate: expected an integer >= 0, got 'two'"),
+    ("sinusoid", ["load=m.pt", "replicate=1"], "so replicate cannot be set with it"),
 ])
 def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, message):
     with pytest.raises(SystemExit) as info:

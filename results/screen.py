@@ -84,6 +84,10 @@ def configure(family: str, fields) -> tuple:
     if method is not None and method not in bench.METHODS:
         raise SystemExit(f"method: expected one of {', '.join(bench.METHODS)}, got {method!r}")
     extra = sorted(set(overrides) - {"load", "gold", "meta_tasks"}) + (["method"] if method is not None else [])
+    replicate = overrides.pop("replicate", 0)
+    if not (isinstance(replicate, int) and not isinstance(replicate, bool) and replicate >= 0):
+        raise SystemExit(f"replicate: expected an integer >= 0, got {replicate!r}")
+    rep = {"replicate": replicate} if replicate else {}  # recorded with the row
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -97,27 +101,21 @@ def configure(family: str, fields) -> tuple:
         args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json")])
         cls, cfg = bench.method_configs(args)[method]
         cfg = replace_fields(cfg, dict(overrides, log_every=0), method)
-        return dict(overrides, method=method), (gold, meta_tasks), None, cls, cfg
-    return overrides, (gold, meta_tasks), None, lm.LDVIMeta, replace_fields(lm.LDVIConfig(sigma_y=0.25),
-                                                               dict(overrides, log_every=0), "LDVI")
+        return dict(overrides, method=method, **rep), (gold, meta_tasks), None, cls, cfg
+    return dict(overrides, **rep), (gold, meta_tasks), None, lm.LDVIMeta, replace_fields(
+        lm.LDVIConfig(sigma_y=0.25), dict(overrides, log_every=0), "LDVI")
 
 
 def main(out, family, seed, *fields):
     if not seed.isdigit():
         raise SystemExit(f"SEED: expected an integer >= 0, got {seed!r}")
     seed = int(seed)
-    rep = [f for f in fields if f.startswith("replicate=")]
-    fields = [f for f in fields if not f.startswith("replicate=")]
-    replicate = rep[-1].partition("=")[2] if rep else "0"
-    if not replicate.isdigit():
-        raise SystemExit(f"replicate: expected an integer >= 0, got {replicate!r}")
-    replicate = int(replicate)
     overrides, (gold, meta_tasks), load, cls, cfg = configure(family, fields)
     if meta_tasks != 64:
         overrides["meta_tasks"] = meta_tasks  # recorded with the row
     g = lambda k: torch.Generator().manual_seed(1000 * seed + k)  # noqa: E731
+    replicate = overrides.get("replicate", 0)
     if replicate:  # another model init and training stream on the same data and test tasks
-        overrides["replicate"] = replicate
         g_data = g
         g = lambda k: g_data(k) if k in (1, 2, 5, 6, 8) else torch.Generator().manual_seed(  # noqa: E731
             1000 * seed + k + 100 * replicate)
