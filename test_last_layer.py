@@ -364,3 +364,65 @@ def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path, i
 def test_bad_hidden_latent_settings_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):
         LDVIConfig(**kwargs)
+
+
+def test_a_fixed_input_scale_is_kept_through_training_and_save_load(tmp_path):
+    data = sinusoid_batch(8, 8, gen(70))
+    model = last_model(gen(71), iters=20, hidden_std=1e-3, hidden_latent=2, input_scale=0.4, learn_input_scale=False)
+    assert "input_log_scale" not in dict(model.named_parameters())               # a buffer, not trained
+    model.fit(data, gen(72))
+    assert math.isclose(model.input_log_scale.exp().item(), 0.4, rel_tol=1e-6)
+    model.save(str(tmp_path / "m.pt"))
+    back = LDVIMeta.load(str(tmp_path / "m.pt"))
+    assert back.cfg.learn_input_scale is False and torch.equal(back.input_log_scale, model.input_log_scale)
+    learned = last_model(gen(71), iters=20, hidden_std=1e-3, hidden_latent=2, input_scale=0.4)
+    learned.fit(data, gen(72))
+    assert not math.isclose(learned.input_log_scale.exp().item(), 0.4, rel_tol=1e-6)  # the default learns it
+
+
+def select_configs(**kw):
+    base = dict(structure="last", hidden=(8, 6), enc_hidden=16, enc_dim=8, K=0, latent=2, particles=4,
+                tasks_per_batch=4, log_every=0, sigma_y=0.3, hidden_latent=2, components=1)
+    base.update(kw)
+    return [LDVIConfig(**dict(base, iters=0)), LDVIConfig(**dict(base, iters=60))]
+
+
+def test_select_config_prefers_the_trained_model_and_is_reproducible():
+    """An untrained config against the same config trained for 60 iterations: the held-out score must
+    pick the trained one, and the same generator seed gives the same choice and scores."""
+    data = sinusoid_batch(12, 8, gen(73))
+    best, scores = lm.select_config(select_configs(), data, gen(74), contexts=(1, 4), S=64)
+    assert best == 1 and scores[1] > scores[0] + 1.0, scores
+    assert lm.select_config(select_configs(), data, gen(74), contexts=(1, 4), S=64) == (best, scores)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(configs=[]), "configs: expected a non-empty list of LDVIConfig"),
+    (dict(configs=[dict(K=0)]), "configs: expected a non-empty list of LDVIConfig"),
+    (dict(holdout=0.0), r"holdout: expected a number in \(0, 1\)"),
+    (dict(holdout=1.0), r"holdout: expected a number in \(0, 1\)"),
+    (dict(contexts=(1, 9)), r"contexts: expected context sizes <= the fewest points of a task \(8\)"),
+    (dict(contexts=()), "contexts: expected a non-empty list of integers >= 0"),
+    (dict(contexts=(1.5,)), "contexts: expected a non-empty list of integers >= 0"),
+    (dict(S=0), "S: expected"),
+    (dict(gen=None), "gen: expected a torch.Generator"),
+    (dict(data="tasks"), "data: expected a Batch"),
+    (dict(data=1), "data: expected a Batch"),
+    (dict(tasks=1), "data: expected at least 2 tasks to hold 0.25 of them out, got 1"),
+    (dict(bad_learn=True), "learn_input_scale: expected True or False"),
+    (dict(bad_fixed=True), "learn_input_scale: expected its default True with input_scale = 0"),
+])
+def test_select_config_and_fixed_scale_bad_inputs(kwargs, message):
+    if kwargs.pop("bad_learn", False):
+        with pytest.raises(ValueError, match=message):
+            LDVIConfig(hidden_latent=2, input_scale=0.5, learn_input_scale="no")
+        return
+    if kwargs.pop("bad_fixed", False):
+        with pytest.raises(ValueError, match=message):
+            LDVIConfig(hidden_latent=2, learn_input_scale=False)
+        return
+    data = sinusoid_batch(kwargs.pop("tasks", 4), 8, gen(75))
+    args = dict(configs=select_configs(), data=data, gen=gen(76), contexts=(1,), S=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        lm.select_config(**args)

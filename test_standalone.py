@@ -113,6 +113,11 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
     ("sinusoid", ["replicate=1.5"], "replicate: expected an integer >= 0, got 1.5"),
     ("sinusoid", ["replicate=two"], "replicate: expected an integer >= 0, got 'two'"),
     ("sinusoid", ["load=m.pt", "replicate=1"], "so replicate cannot be set with it"),
+    ("sinusoid", ["hidden_latent=4", "select_scale=0"], "select_scale: expected a number > 0"),
+    ("sinusoid", ["hidden_latent=4", "select_scale=big"], "select_scale: expected a number > 0"),
+    ("sinusoid", ["method=ALPaCA", "select_scale=0.5"], "select_scale: chooses between LDVI configs"),
+    ("sinusoid", ["select_scale=0.5"], "select_scale: input scales need a hidden latent"),
+    ("sinusoid", ["load=m.pt", "select_scale=0.5"], "so select_scale cannot be set with it"),
 ])
 def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, message):
     with pytest.raises(SystemExit) as info:

@@ -9,7 +9,9 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
 
     python results/screen.py OUT.jsonl FAMILY SEED name=value ...   (LDVIConfig fields, e.g. structure=last;
         meta_tasks=N trains on N meta-training tasks instead of the benchmark's 64; replicate=N > 0 draws
-        the model's init and training stream afresh, on the same data and test tasks: the training noise)
+        the model's init and training stream afresh, on the same data and test tasks: the training noise;
+        select_scale=TAU chooses between the config and the config with input scales fixed at TAU by
+        ldvi_meta.select_config on held-out meta-training tasks, then trains the chosen one on all of them)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
         (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
@@ -88,6 +90,13 @@ def configure(family: str, fields) -> tuple:
     if not (isinstance(replicate, int) and not isinstance(replicate, bool) and replicate >= 0):
         raise SystemExit(f"replicate: expected an integer >= 0, got {replicate!r}")
     rep = {"replicate": replicate} if replicate else {}  # recorded with the row
+    select = overrides.pop("select_scale", None)
+    if select is not None:
+        if not (isinstance(select, (int, float)) and not isinstance(select, bool) and 0 < select < float("inf")):
+            raise SystemExit(f"select_scale: expected a number > 0 (the fixed tau to choose against none), got {select!r}")
+        if method is not None:
+            raise SystemExit("select_scale: chooses between LDVI configs, so it cannot be set with method=")
+        rep["select_scale"] = select
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -102,8 +111,10 @@ def configure(family: str, fields) -> tuple:
         cls, cfg = bench.method_configs(args)[method]
         cfg = replace_fields(cfg, dict(overrides, log_every=0), method)
         return dict(overrides, method=method, **rep), (gold, meta_tasks), None, cls, cfg
-    return dict(overrides, **rep), (gold, meta_tasks), None, lm.LDVIMeta, replace_fields(
-        lm.LDVIConfig(sigma_y=0.25), dict(overrides, log_every=0), "LDVI")
+    cfg = replace_fields(lm.LDVIConfig(sigma_y=0.25), dict(overrides, log_every=0), "LDVI")
+    if select is not None and not cfg.hidden_latent:
+        raise SystemExit("select_scale: input scales need a hidden latent (set hidden_latent=N)")
+    return dict(overrides, **rep), (gold, meta_tasks), None, lm.LDVIMeta, cfg
 
 
 def main(out, family, seed, *fields):
@@ -114,7 +125,7 @@ def main(out, family, seed, *fields):
     if meta_tasks != 64:
         overrides["meta_tasks"] = meta_tasks  # recorded with the row
     g = lambda k: torch.Generator().manual_seed(1000 * seed + k)  # noqa: E731
-    replicate = overrides.get("replicate", 0)
+    replicate, selected = overrides.get("replicate", 0), None
     if replicate:  # another model init and training stream on the same data and test tasks
         g_data = g
         g = lambda k: g_data(k) if k in (1, 2, 5, 6, 8) else torch.Generator().manual_seed(  # noqa: E731
@@ -127,8 +138,13 @@ def main(out, family, seed, *fields):
         model = lm.LDVIMeta.load(load)
         cfg, train_s = model.cfg, 0.0
     else:
-        model = cls(cfg, g(3))
         t0 = time.perf_counter()
+        if overrides.get("select_scale"):  # no scale, or a fixed one: chosen on held-out meta-training tasks
+            fixed = dataclasses.replace(cfg, input_scale=float(overrides["select_scale"]), learn_input_scale=False)
+            chosen, val = lm.select_config([cfg, fixed], train, g(9))
+            cfg = [cfg, fixed][chosen]
+            selected = dict(chosen=["no scale", "fixed scale"][chosen], scores=[round(v, 3) for v in val])
+        model = cls(cfg, g(3))
         model.fit(train, g(4))
         train_s = time.perf_counter() - t0
         if os.environ.get("SCREEN_MODELS"):  # keep the model for later looks (HMC, priors, resampling)
@@ -140,6 +156,8 @@ def main(out, family, seed, *fields):
     summary = bench.summaries(scores, test, {n: bayes[n]["exact"] for n in CONTEXTS})
     row = dict(family=family, seed=seed, config=overrides, train_s=round(train_s, 1), eval_ms_per_task=round(ms, 1),
                skipped=len(getattr(model, "skipped_updates", [])))
+    if selected:
+        row["selected"] = selected
     for n in CONTEXTS:
         row[n] = {k: round(v, 4) for k, v in summary[n].items()}
         row[n]["ess"] = round(ess(model, test, n, g(6)), 1) if n and cls is lm.LDVIMeta else 1024.0
