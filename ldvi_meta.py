@@ -980,10 +980,22 @@ class LDVIMeta(SaveLoad, nn.Module):
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         """Negative mean ELBO (or IW bound) over a random context subset of each task."""
         ctx = random_subset(batch, gen, self.cfg.min_context)
-        # _sample, not _states: the last-layer draws are not needed here, but skipping them would change the
-        # random stream, and the committed results are reproduced by this code bit for bit
-        _, log_w = self._sample(ctx, self.cfg.particles, gen)
+        _, log_w = self._states(ctx, self.cfg.particles, gen)                   # [T, P]
+        self._skip_last_layer_draws(ctx, self.cfg.particles, gen)
         return -(elbo(log_w) if self.cfg.objective == "elbo" else iw_bound(log_w)).mean()
+
+    def _skip_last_layer_draws(self, ctx: Batch, P: int, gen: torch.Generator) -> None:
+        """Advance gen exactly as weights() would, without drawing the last layers that the bound does
+        not need (about a seventh of a training iteration): the random stream, and so every committed
+        result, stays what it was when the loss drew them. (last_layer_draw's multinomial takes one
+        exponential per probability whatever their values; tested against weights().)"""
+        if self.cfg.structure != "last":
+            return
+        T, N = ctx.mask.shape
+        M, r, H1, dy = self.cfg.components, self.cfg.latent, self.cfg.hidden[-1] + 1, self.cfg.dy
+        if M > 1:
+            torch.multinomial(torch.ones(T * P, M, dtype=torch.float64, device=gen.device), 1, generator=gen)
+        randn((T, P, r + H1 + N, dy), gen, torch.float64, gen.device)
 
 
 # -----------------------------------------------------------------------------

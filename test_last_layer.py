@@ -426,3 +426,20 @@ def test_select_config_and_fixed_scale_bad_inputs(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         lm.select_config(**args)
+
+
+@pytest.mark.parametrize("kw", [dict(components=1), dict(components=3, latent=0),
+                                dict(components=2, hidden_latent=2, hidden_std=1e-3, input_scale=0.3)])
+def test_the_loss_skips_the_last_layer_draws_but_not_their_random_numbers(kw):
+    """The training loss leaves out each particle's last-layer draw (the bound does not need it) but
+    advances the generator as the draw would: same loss, same generator state as through _sample."""
+    model = randomized(last_model(gen(80), **kw))
+    data = sinusoid_batch(5, 7, gen(81))
+    data = lm.Batch(data.x, data.y, data.mask.clone())
+    data.mask[2, 4:] = False
+    for seed in range(3):
+        g_ref, g = gen(82 + seed), gen(82 + seed)
+        ctx = lm.random_subset(data, g_ref, model.cfg.min_context)
+        _, log_w = model._sample(ctx, model.cfg.particles, g_ref)              # with the draws
+        assert torch.equal(model.loss(data, g), -lm.elbo(log_w).mean())
+        assert torch.equal(g.get_state(), g_ref.get_state())
