@@ -118,6 +118,12 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
     ("sinusoid", ["method=ALPaCA", "select_scale=0.5"], "select_scale: chooses between LDVI configs"),
     ("sinusoid", ["select_scale=0.5"], "select_scale: input scales need a hidden latent"),
     ("sinusoid", ["load=m.pt", "select_scale=0.5"], "so select_scale cannot be set with it"),
+    ("sinusoid", ["select_iters=0"], "select_iters: expected an integer >= 1"),
+    ("sinusoid", ["select_iters=36.5"], "select_iters: expected an integer >= 1"),
+    ("sinusoid", ["iters=900", "select_iters=900"], "select_iters: expected a training length other than the "
+                                                    "config's own iters (900)"),
+    ("sinusoid", ["method=NP", "select_iters=3600"], "select_iters: chooses between LDVI configs"),
+    ("sinusoid", ["load=m.pt", "select_iters=3600"], "so select_iters cannot be set with it"),
 ])
 def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, message):
     with pytest.raises(SystemExit) as info:

@@ -11,7 +11,8 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
         meta_tasks=N trains on N meta-training tasks instead of the benchmark's 64; replicate=N > 0 draws
         the model's init and training stream afresh, on the same data and test tasks: the training noise;
         select_scale=TAU chooses between the config and the config with input scales fixed at TAU by
-        ldvi_meta.select_config on held-out meta-training tasks, then trains the chosen one on all of them)
+        ldvi_meta.select_config on held-out meta-training tasks, then trains the chosen one on all of them;
+        select_iters=N also lets it choose between the config's training length and N iterations)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
         (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
@@ -97,6 +98,14 @@ def configure(family: str, fields) -> tuple:
         if method is not None:
             raise SystemExit("select_scale: chooses between LDVI configs, so it cannot be set with method=")
         rep["select_scale"] = select
+    select_iters = overrides.pop("select_iters", None)
+    if select_iters is not None:
+        if not (isinstance(select_iters, int) and not isinstance(select_iters, bool) and select_iters >= 1):
+            raise SystemExit(f"select_iters: expected an integer >= 1 (the training length to choose against "
+                             f"the config's own), got {select_iters!r}")
+        if method is not None:
+            raise SystemExit("select_iters: chooses between LDVI configs, so it cannot be set with method=")
+        rep["select_iters"] = select_iters
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -114,6 +123,9 @@ def configure(family: str, fields) -> tuple:
     cfg = replace_fields(lm.LDVIConfig(sigma_y=0.25), dict(overrides, log_every=0), "LDVI")
     if select is not None and not cfg.hidden_latent:
         raise SystemExit("select_scale: input scales need a hidden latent (set hidden_latent=N)")
+    if select_iters is not None and select_iters == cfg.iters:
+        raise SystemExit(f"select_iters: expected a training length other than the config's own iters "
+                         f"({cfg.iters}), got {select_iters!r}")
     return dict(overrides, **rep), (gold, meta_tasks), None, lm.LDVIMeta, cfg
 
 
@@ -139,11 +151,18 @@ def main(out, family, seed, *fields):
         cfg, train_s = model.cfg, 0.0
     else:
         t0 = time.perf_counter()
-        if overrides.get("select_scale"):  # no scale, or a fixed one: chosen on held-out meta-training tasks
-            fixed = dataclasses.replace(cfg, input_scale=float(overrides["select_scale"]), learn_input_scale=False)
-            chosen, val = lm.select_config([cfg, fixed], train, g(9))
-            cfg = [cfg, fixed][chosen]
-            selected = dict(chosen=["no scale", "fixed scale"][chosen], scores=[round(v, 3) for v in val])
+        candidates = {"no scale" if overrides.get("select_scale") else "as given": cfg}
+        if overrides.get("select_scale"):  # or a fixed scale: chosen on held-out meta-training tasks
+            candidates["fixed scale"] = dataclasses.replace(cfg, input_scale=float(overrides["select_scale"]),
+                                                            learn_input_scale=False)
+        if overrides.get("select_iters"):  # each of them at its own length, or at this one
+            candidates = {f"{name}, {c.iters} iters": c for name, c in candidates.items()} | {
+                f"{name}, {overrides['select_iters']} iters": dataclasses.replace(c, iters=overrides["select_iters"])
+                for name, c in candidates.items()}
+        if len(candidates) > 1:
+            chosen, val = lm.select_config(list(candidates.values()), train, g(9))
+            name, cfg = list(candidates.items())[chosen]
+            selected = dict(chosen=name, scores={k: round(v, 3) for k, v in zip(candidates, val)})
         model = cls(cfg, g(3))
         model.fit(train, g(4))
         train_s = time.perf_counter() - t0
