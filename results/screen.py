@@ -12,7 +12,8 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
         the model's init and training stream afresh, on the same data and test tasks: the training noise;
         select_scale=TAU chooses between the config and the config with input scales fixed at TAU by
         ldvi_meta.select_config on held-out meta-training tasks, then trains the chosen one on all of them;
-        select_iters=N also lets it choose between the config's training length and N iterations)
+        select_iters=N also lets it choose between the config's training length and N iterations, and
+        select_objective=NAME between the config's training objective and NAME)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
         (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
@@ -106,6 +107,14 @@ def configure(family: str, fields) -> tuple:
         if method is not None:
             raise SystemExit("select_iters: chooses between LDVI configs, so it cannot be set with method=")
         rep["select_iters"] = select_iters
+    select_objective = overrides.pop("select_objective", None)
+    if select_objective is not None:
+        if select_objective not in lm.OBJECTIVES:
+            raise SystemExit(f"select_objective: expected one of {', '.join(lm.OBJECTIVES)} (the training "
+                             f"objective to choose against the config's own), got {select_objective!r}")
+        if method is not None:
+            raise SystemExit("select_objective: chooses between LDVI configs, so it cannot be set with method=")
+        rep["select_objective"] = select_objective
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -123,6 +132,9 @@ def configure(family: str, fields) -> tuple:
     cfg = replace_fields(lm.LDVIConfig(sigma_y=0.25), dict(overrides, log_every=0), "LDVI")
     if select is not None and not cfg.hidden_latent:
         raise SystemExit("select_scale: input scales need a hidden latent (set hidden_latent=N)")
+    if select_objective is not None and select_objective == cfg.objective:
+        raise SystemExit(f"select_objective: expected an objective other than the config's own "
+                         f"({cfg.objective!r}), got {select_objective!r}")
     if select_iters is not None and select_iters == cfg.iters:
         raise SystemExit(f"select_iters: expected a training length other than the config's own iters "
                          f"({cfg.iters}), got {select_iters!r}")
@@ -158,6 +170,10 @@ def main(out, family, seed, *fields):
         if overrides.get("select_iters"):  # each of them at its own length, or at this one
             candidates = {f"{name}, {c.iters} iters": c for name, c in candidates.items()} | {
                 f"{name}, {overrides['select_iters']} iters": dataclasses.replace(c, iters=overrides["select_iters"])
+                for name, c in candidates.items()}
+        if overrides.get("select_objective"):  # each of them with its own objective, or with this one
+            candidates = {f"{name}, {c.objective}": c for name, c in candidates.items()} | {
+                f"{name}, {overrides['select_objective']}": dataclasses.replace(c, objective=overrides["select_objective"])
                 for name, c in candidates.items()}
         if len(candidates) > 1:
             chosen, val = lm.select_config(list(candidates.values()), train, g(9))
