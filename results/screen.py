@@ -71,6 +71,26 @@ def replace_fields(cfg, fields: dict, what: str):
         raise SystemExit(str(e)) from None
 
 
+def pop_choice(overrides: dict, key: str, method, rep: dict, expected: str, ok):
+    """overrides[key] popped and checked (None if absent); SystemExit if it fails ok or comes with method=."""
+    value = overrides.pop(key, None)
+    if value is None:
+        return None
+    if not ok(value):
+        raise SystemExit(f"{key}: expected {expected}, got {value!r}")
+    if method is not None:
+        raise SystemExit(f"{key}: chooses between LDVI configs, so it cannot be set with method=")
+    rep[key] = value
+    return value
+
+
+def with_alternative(candidates: dict, field: str, value, label) -> dict:
+    """Every named candidate config as it is and with field = value, named by label(config) as well."""
+    return {f"{name}, {label(c)}": c for name, c in candidates.items()} | {
+        f"{name}, {label(alt)}": alt for name, alt in
+        ((name, dataclasses.replace(c, **{field: value})) for name, c in candidates.items())}
+
+
 def configure(family: str, fields) -> tuple:
     """The name=value fields checked, before any work: (the overrides recorded with the row, gold, the
     path of a saved model or None, the class, its config or None). SystemExit naming a field that is
@@ -88,33 +108,19 @@ def configure(family: str, fields) -> tuple:
     if method is not None and method not in bench.METHODS:
         raise SystemExit(f"method: expected one of {', '.join(bench.METHODS)}, got {method!r}")
     extra = sorted(set(overrides) - {"load", "gold", "meta_tasks"}) + (["method"] if method is not None else [])
+    is_int = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
     replicate = overrides.pop("replicate", 0)
-    if not (isinstance(replicate, int) and not isinstance(replicate, bool) and replicate >= 0):
+    if not is_int(replicate, 0):
         raise SystemExit(f"replicate: expected an integer >= 0, got {replicate!r}")
     rep = {"replicate": replicate} if replicate else {}  # recorded with the row
-    select = overrides.pop("select_scale", None)
-    if select is not None:
-        if not (isinstance(select, (int, float)) and not isinstance(select, bool) and 0 < select < float("inf")):
-            raise SystemExit(f"select_scale: expected a number > 0 (the fixed tau to choose against none), got {select!r}")
-        if method is not None:
-            raise SystemExit("select_scale: chooses between LDVI configs, so it cannot be set with method=")
-        rep["select_scale"] = select
-    select_iters = overrides.pop("select_iters", None)
-    if select_iters is not None:
-        if not (isinstance(select_iters, int) and not isinstance(select_iters, bool) and select_iters >= 1):
-            raise SystemExit(f"select_iters: expected an integer >= 1 (the training length to choose against "
-                             f"the config's own), got {select_iters!r}")
-        if method is not None:
-            raise SystemExit("select_iters: chooses between LDVI configs, so it cannot be set with method=")
-        rep["select_iters"] = select_iters
-    select_objective = overrides.pop("select_objective", None)
-    if select_objective is not None:
-        if select_objective not in lm.OBJECTIVES:
-            raise SystemExit(f"select_objective: expected one of {', '.join(lm.OBJECTIVES)} (the training "
-                             f"objective to choose against the config's own), got {select_objective!r}")
-        if method is not None:
-            raise SystemExit("select_objective: chooses between LDVI configs, so it cannot be set with method=")
-        rep["select_objective"] = select_objective
+    # the held-out choices (select_config): each is checked, refused with method=, and recorded with the row
+    select = pop_choice(overrides, "select_scale", method, rep, "a number > 0 (the fixed tau to choose against none)",
+                        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"))
+    select_iters = pop_choice(overrides, "select_iters", method, rep, "an integer >= 1 (the training length to "
+                              "choose against the config's own)", lambda v: is_int(v, 1))
+    select_objective = pop_choice(overrides, "select_objective", method, rep, f"one of {', '.join(lm.OBJECTIVES)} "
+                                  "(the training objective to choose against the config's own)",
+                                  lambda v: v in lm.OBJECTIVES)
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -168,13 +174,9 @@ def main(out, family, seed, *fields):
             candidates["fixed scale"] = dataclasses.replace(cfg, input_scale=float(overrides["select_scale"]),
                                                             learn_input_scale=False)
         if overrides.get("select_iters"):  # each of them at its own length, or at this one
-            candidates = {f"{name}, {c.iters} iters": c for name, c in candidates.items()} | {
-                f"{name}, {overrides['select_iters']} iters": dataclasses.replace(c, iters=overrides["select_iters"])
-                for name, c in candidates.items()}
+            candidates = with_alternative(candidates, "iters", overrides["select_iters"], lambda c: f"{c.iters} iters")
         if overrides.get("select_objective"):  # each of them with its own objective, or with this one
-            candidates = {f"{name}, {c.objective}": c for name, c in candidates.items()} | {
-                f"{name}, {overrides['select_objective']}": dataclasses.replace(c, objective=overrides["select_objective"])
-                for name, c in candidates.items()}
+            candidates = with_alternative(candidates, "objective", overrides["select_objective"], lambda c: c.objective)
         if len(candidates) > 1:
             chosen, val = lm.select_config(list(candidates.values()), train, g(9))
             name, cfg = list(candidates.items())[chosen]
