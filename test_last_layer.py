@@ -1,6 +1,7 @@
 """Tests of the "last" prior structure of ldvi_meta: the last layer integrated out exactly given
 the hidden layers. Its evidence against torch's MultivariateNormal, its gradient and the model's
-score against autograd, its posterior draws against the conditional Gaussian, exactness when the
+score against autograd (and the training gradient through the chain, which differentiates that
+score), its posterior draws against the conditional Gaussian, exactness when the
 hidden layers are fixed, unbiased weights against plain prior Monte Carlo, exact prior draws at
 n = 0, K = 0 as mean-field VI, the mixture prior, save/load and the HMC gold standard on it.
 Exactness is checked in float64."""
@@ -315,6 +316,32 @@ def test_input_scales_target_matches_autograd_and_scale_the_inputs():
             plain = model.feature_bnn(theta0, x_scaled[None])                     # [1, 1, 6, H]
             ours = model.feature_bnn(model.hidden_weights(v[t:t + 1, p:p + 1]), x[t:t + 1])
             assert torch.allclose(ours, plain, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kw", [dict(), dict(hidden_latent=3, hidden_latent_init=0.5, hidden_std=1e-3),
+                                dict(hidden_latent=3, hidden_latent_init=0.5, hidden_std=1e-3, input_scale=0.5)])
+def test_the_training_gradient_through_the_chain_matches_autograds_score(kernel, kw):
+    """Meta-training differentiates log w through K steps, so through the analytic score itself
+    (its derivative in the state and in the prior's parameters). The loss gradient of every
+    parameter with the model's target equals the one with autograd's score of log_joint, on the
+    same draws."""
+    model = randomized(last_model(gen(70), components=2, kernel=kernel, **kw)).double()
+    with torch.no_grad():
+        for p in model.encoder.head[-1].parameters():                          # q0 away from the prior
+            p.normal_(0, 0.1, generator=gen(71))
+        model.raw_steps.fill_(-1.0)                                             # steps of about 0.3
+    data = sinusoid_batch(4, 6, gen(72), F64)
+    grads = []
+    for target in (model.target, lambda ctx: lm.autograd_target(lambda v: model.log_joint(v, ctx))):
+        model.target = target
+        model.zero_grad()
+        model.loss(data, gen(73)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    analytic, reference = grads
+    assert analytic.keys() == reference.keys() and "raw_steps" in reference
+    for name, g in reference.items():
+        assert torch.allclose(analytic[name], g, rtol=1e-8, atol=1e-10 * (1 + g.abs().max())), name
 
 
 def test_hidden_latent_weights_are_unbiased_against_prior_monte_carlo():
