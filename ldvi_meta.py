@@ -117,6 +117,10 @@ class LDVIConfig:
                                       # select_config chose on held-out meta-training tasks)
     objective: str = "elbo"           # meta-training maximizes the mean "elbo" or the importance-weighted "iw"
                                       # bound (under study, like hidden_latent)
+    drift_grad: bool = True           # False: meta-training differentiates log w as if the sampler's score were
+                                      # a constant at each point (a stop-gradient): the same bound, a biased
+                                      # gradient without the chain's exploding Jacobian [3] and without a
+                                      # second-order pass (under study, like hidden_latent)
     components: int = 2               # "last": Gaussian components of the last layer's prior (a mixture if > 1)
     kernel: str = "overdamped"        # "overdamped" or "underdamped" diffusion kernel
     K: int = 5                        # number of diffusion steps (0 = amortized mean-field VI)
@@ -144,6 +148,9 @@ class LDVIConfig:
     def __post_init__(self):
         _require(self.kernel in KERNELS, "kernel", f"one of {KERNELS}", self.kernel)
         _require(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}", self.objective)
+        _require(isinstance(self.drift_grad, bool), "drift_grad", "True or False", self.drift_grad)
+        if self.K == 0:
+            self._require_default("drift_grad", "with K = 0 (there is no drift)")
         _require_fields(self, ("hidden",), *WIDTHS)
         self.hidden = tuple(self.hidden)
         _require_fields(self, ("dx", "dy", "enc_hidden", "enc_dim", "particles", "tasks_per_batch"), *INT_GE1)
@@ -554,7 +561,7 @@ def draw_noise(kernel: str, K: int, shape, gen: torch.Generator, dtype=torch.flo
 
 
 def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, noise, kernel: str = "underdamped",
-              tamed: bool = True, weights: bool = True):
+              tamed: bool = True, weights: bool = True, drift_grad: bool = True):
     """Run the q0-preconditioned diffusion and return (v_K [T, P, D], log w [T, P]).
 
     target: v [T, P, D] -> (log gamma(v) [T, P], grad_v log gamma [T, P, D]),
@@ -568,7 +575,10 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, noise, kern
            underdamped one the initial momentum, then one refresh per step;
     tamed: drive the steps with tame(grad l, h_k) instead of grad l (see tame);
     weights: False returns (v_K, None): the same positions without the weight arithmetic and
-             without the target evaluation at v_K, which only the weight needs (prediction).
+             without the target evaluation at v_K, which only the weight needs (prediction);
+    drift_grad: False detaches the score grad l wherever a step or a backward kernel uses it (its
+                taming by h_k stays differentiable): v_K and log w are the same numbers, and their
+                gradient treats each score as a constant (no product of the chain's Jacobians).
 
     log w = log gamma(v_K) - log q0(v_0) + (kernel correction), see MATH.md.
     A particle whose weight comes out NaN has diverged: it gets log w = -inf (zero weight).
@@ -595,7 +605,8 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, noise, kern
         value, grad = target(torch.addcmul(m.unsqueeze(1), s, u))
         return value, torch.addcmul(u, s, grad)
 
-    field = tame if tamed else untamed
+    drift = tame if tamed else untamed
+    field = drift if drift_grad else (lambda score, h: drift(score.detach(), h))  # noqa: E731
     value, score = score_fn(u0) if (K or weights) else (None, None)
     u = u0
     log_w = 0.5 * _sq(u0) + 0.5 * D * LOG_2PI + log_s.sum(-1, keepdim=True) if weights else None  # -log q0 [T, P]
@@ -966,7 +977,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         u0, noise = draw_noise(self.cfg.kernel, self.cfg.K, (T, P, Dv), gen, m.dtype, m.device)  # [T, P, Dv]
         steps, refresh, betas = self.schedule()
         v, log_w = diffusion(self.target(ctx), m, log_s, u0, steps, refresh, betas, noise, self.cfg.kernel,
-                             tamed=True, weights=weights)
+                             tamed=True, weights=weights, drift_grad=self.cfg.drift_grad)
         e = empty[:, None, None]                                                 # [T, 1, 1]
         v = torch.where(e, torch.addcmul(m.unsqueeze(1), log_s.exp().unsqueeze(1), u0), v)  # the prior's own draw
         if weights:

@@ -332,6 +332,81 @@ def test_taming_keeps_a_steep_target_finite(kernel):
 # -----------------------------------------------------------------------------
 # the diffusion earns its keep: a trained K = 8 beats a trained K = 0 on a curved target
 
+def plain_frozen_drift_chain(target, m, log_s, u0, steps, refresh, betas, noise, kernel, tamed):
+    """The diffusion written out step by step, with every score detached: the reference for
+    diffusion(..., drift_grad=False). log w as in MATH.md; returns (v_K, log w)."""
+    s, T, P, D = log_s.exp().unsqueeze(1), *u0.shape
+
+    def drift(u, h):  # the u-space score u + s grad log gamma(m + s u) as a constant, then tamed or not
+        g = (u + s * target(m.unsqueeze(1) + s * u)[1]).detach()
+        return lm.tame(g, h) if tamed else g
+
+    u, log_w = u0, 0.5 * (u0 ** 2).sum(-1) + 0.5 * D * math.log(2 * math.pi) + log_s.sum(-1, keepdim=True)
+    if kernel == "overdamped":
+        for k in range(len(steps)):
+            a, h, b, eps = torch.exp(-steps[k]), steps[k], betas[k], noise[k]
+            u_new = a * u + (1 - a) * b * drift(u, h) + torch.sqrt(1 - a ** 2) * eps
+            back = a * u_new + (1 - a) * b * drift(u_new, h)
+            log_w = log_w - ((u - back) ** 2).sum(-1) / (2 * (1 - a ** 2)) + 0.5 * (eps ** 2).sum(-1)
+            u = u_new
+    elif len(steps):
+        p = noise[0]
+        for k in range(len(steps)):
+            h, c, kick = steps[k], refresh[k], 0.5 * steps[k] * betas[k]
+            p_ref = c * p + torch.sqrt(1 - c ** 2) * noise[k + 1]
+            p = p_ref + kick * drift(u, h)
+            u, p = torch.cos(h) * u + torch.sin(h) * p, torch.cos(h) * p - torch.sin(h) * u
+            p = p + kick * drift(u, h)
+            log_w = log_w - 0.5 * ((p ** 2).sum(-1) - (p_ref ** 2).sum(-1))
+    v = m.unsqueeze(1) + s * u
+    return v, log_w + target(v)[0]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("tamed", [True, False])
+def test_detached_drift_matches_the_plain_chain_and_keeps_the_bound(kernel, tamed):
+    """drift_grad=False: the same v_K and log w as the full chain, and the gradient (in q0, the steps,
+    the refresh factors and the schedule) of a plain step-by-step chain whose drifts are constants;
+    that gradient is not the full one (the option changes what training follows, not the bound)."""
+    g = gen(7)
+    T, P, D, K = 2, 5, 3, 4
+    m, log_s, u0 = random_q0(T, P, D, g)
+    steps, refresh, betas = schedule(K, g, h_scale=3.0)
+    eps = noise(kernel, K, u0.shape, g)
+    target = lm.autograd_target(banana)
+    params = [t.requires_grad_(True) for t in (m, log_s, steps, refresh, betas)]
+    grads = {}
+    for name, run in [("detached", lambda: lm.diffusion(target, m, log_s, u0, steps, refresh, betas, eps, kernel,
+                                                        tamed, drift_grad=False)),
+                      ("reference", lambda: plain_frozen_drift_chain(target, m, log_s, u0, steps, refresh, betas,
+                                                                     eps, kernel, tamed)),
+                      ("full", lambda: lm.diffusion(target, m, log_s, u0, steps, refresh, betas, eps, kernel, tamed))]:
+        v, log_w = run()
+        grads[name] = (v.detach(), log_w.detach(), torch.autograd.grad(log_w.sum() + v.sum(), params,
+                                                                       allow_unused=True))
+    (v, log_w, g_det), (v_ref, log_w_ref, g_ref), (v_full, log_w_full, g_full) = (grads[k] for k in
+                                                                                  ("detached", "reference", "full"))
+    assert torch.allclose(v, v_ref, atol=1e-12) and torch.allclose(log_w, log_w_ref, atol=1e-10)
+    assert torch.allclose(v, v_full, atol=1e-12) and torch.allclose(log_w, log_w_full, atol=1e-10)
+    for a, b in zip(g_det, g_ref):
+        assert (a is None and (b is None or not b.any())) or torch.allclose(a, b, atol=1e-10)
+    assert not torch.allclose(g_det[1], g_full[1], atol=1e-6)  # the drift's own derivative is left out
+
+
+def test_detached_drift_trains_the_model_on_the_same_bound():
+    """LDVIConfig(drift_grad=False): the same loss on the same draws, a different gradient, and
+    Gaussian exactness untouched (q0 = the prior at an empty context: log w = 0 either way)."""
+    data = sinusoid_batch(3, 6, gen(8), F64)
+    losses, grads = [], []
+    for drift_grad in (True, False):
+        model = perturbed(small_model(gen(9), drift_grad=drift_grad).double())
+        loss = model.loss(data, gen(10))
+        grads.append(torch.autograd.grad(loss, model.raw_steps)[0])
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-10)
+    assert not torch.allclose(grads[0], grads[1])
+
+
 def warped(th):
     """A curved, non-Gaussian 2-d target with a Lipschitz gradient; Z = 2 pi 0.3."""
     a, b = th[..., 0], th[..., 1]
@@ -506,6 +581,8 @@ def test_a_non_finite_gradient_skips_the_update_and_too_many_are_an_error():
     (dict(hidden=(40, 0)), "hidden"), (dict(K=2.5), "K: expected an integer"), (dict(K="5"), "K: expected an integer"),
     (dict(hidden=40), "hidden: expected a tuple"), (dict(dx=1.5), "dx"), (dict(latent=-1), "latent"),
     (dict(lr_final=0.0), "lr_final"), (dict(K=True), "K"),
+    (dict(drift_grad="no"), "drift_grad: expected True or False"), (dict(drift_grad=0), "drift_grad"),
+    (dict(K=0, drift_grad=False), "drift_grad: expected its default True with K = 0"),
 ])
 def test_bad_config_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
