@@ -584,6 +584,8 @@ def diffusion(target: Callable, m, log_s, u0, steps, refresh, betas, noise, kern
     A particle whose weight comes out NaN has diverged: it gets log w = -inf (zero weight).
     """
     _require(kernel in KERNELS, "kernel", f"one of {KERNELS}", kernel)
+    for name, flag in (("tamed", tamed), ("weights", weights), ("drift_grad", drift_grad)):
+        _require(isinstance(flag, bool), name, "True or False", flag)
     _require(u0.dim() == 3 and m.shape == log_s.shape == (u0.shape[0], u0.shape[2]),
              "u0/m/log_s", "u0 [T, P, D] with m and log_s [T, D]", (u0.shape, m.shape, log_s.shape))
     T, P, D = u0.shape

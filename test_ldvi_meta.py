@@ -637,6 +637,9 @@ def test_bad_diffusion_parameters():
         lm.diffusion(tgt, m, log_s, torch.zeros(1, 3, 4), ok, ok, ok, torch.zeros(3, 1, 3, 4))
     with pytest.raises(ValueError, match="noise"):
         lm.diffusion(tgt, m, log_s, u0, ok, ok, ok, torch.zeros(2, 1, 3, 2))  # underdamped K = 2 needs 3
+    for flag in ("tamed", "weights", "drift_grad"):  # a truthy string must not silently mean True
+        with pytest.raises(ValueError, match=f"{flag}: expected True or False"):
+            lm.diffusion(tgt, m, log_s, u0, ok, ok, ok, torch.zeros(3, 1, 3, 2), **{flag: "no"})
 
 
 # -----------------------------------------------------------------------------
