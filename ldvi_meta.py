@@ -79,7 +79,6 @@ import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
 KERNELS = ("underdamped", "overdamped")
-OBJECTIVES = ("elbo", "iw")   # the meta-training objective: mean log w, or logsumexp log w - log P
 STRUCTURES = ("all", "last")  # where the prior's task latent acts: every weight, or the last layer
 DEVICE_TYPES = ("cpu", "cuda")  # where data may live
 MIN_SIGMA_Y = 1e-6              # the smallest observation noise std the models accept
@@ -115,8 +114,6 @@ class LDVIConfig:
                                       # is learned and starts here (0: none; under study, like hidden_latent)
     learn_input_scale: bool = True    # False: tau_i stays at input_scale (a fixed hyperparameter, e.g. one that
                                       # select_config chose on held-out meta-training tasks)
-    objective: str = "elbo"           # meta-training maximizes the mean "elbo" or the importance-weighted "iw"
-                                      # bound (under study, like hidden_latent)
     drift_grad: bool = True           # False: meta-training differentiates log w as if the sampler's score were
                                       # a constant at each point (a stop-gradient): the same bound, a biased
                                       # gradient without the chain's exploding Jacobian [3] and without a
@@ -147,7 +144,6 @@ class LDVIConfig:
 
     def __post_init__(self):
         _require(self.kernel in KERNELS, "kernel", f"one of {KERNELS}", self.kernel)
-        _require(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}", self.objective)
         _require(isinstance(self.drift_grad, bool), "drift_grad", "True or False", self.drift_grad)
         if self.K == 0:
             self._require_default("drift_grad", "with K = 0 (there is no drift)")
@@ -1008,7 +1004,7 @@ class LDVIMeta(SaveLoad, nn.Module):
             # the generator moves as if they were made: the committed results stay reproducible bit for bit
             T, N = ctx.mask.shape
             skip_last_layer_draw(T, self.cfg.particles, N, self.last_prior(), gen)
-        return -(elbo(log_w) if self.cfg.objective == "elbo" else iw_bound(log_w)).mean()
+        return -elbo(log_w).mean()
 
 
 # -----------------------------------------------------------------------------

@@ -124,11 +124,6 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
                                                     "config's own iters (900)"),
     ("sinusoid", ["method=NP", "select_iters=3600"], "select_iters: chooses between LDVI configs"),
     ("sinusoid", ["load=m.pt", "select_iters=3600"], "so select_iters cannot be set with it"),
-    ("sinusoid", ["select_objective=IW"], "select_objective: expected one of elbo, iw"),
-    ("sinusoid", ["select_objective=elbo"], "select_objective: expected an objective other than the config's "
-                                            "own ('elbo')"),
-    ("sinusoid", ["method=NP", "select_objective=iw"], "select_objective: chooses between LDVI configs"),
-    ("sinusoid", ["load=m.pt", "select_objective=iw"], "so select_objective cannot be set with it"),
 ])
 def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, message):
     with pytest.raises(SystemExit) as info:

@@ -12,8 +12,7 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
         the model's init and training stream afresh, on the same data and test tasks: the training noise;
         select_scale=TAU chooses between the config and the config with input scales fixed at TAU by
         ldvi_meta.select_config on held-out meta-training tasks, then trains the chosen one on all of them;
-        select_iters=N also lets it choose between the config's training length and N iterations, and
-        select_objective=NAME between the config's training objective and NAME)
+        select_iters=N also lets it choose between the config's training length and N iterations)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
         (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
@@ -118,9 +117,6 @@ def configure(family: str, fields) -> tuple:
                         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"))
     select_iters = pop_choice(overrides, "select_iters", method, rep, "an integer >= 1 (the training length to "
                               "choose against the config's own)", lambda v: is_int(v, 1))
-    select_objective = pop_choice(overrides, "select_objective", method, rep, f"one of {', '.join(lm.OBJECTIVES)} "
-                                  "(the training objective to choose against the config's own)",
-                                  lambda v: v in lm.OBJECTIVES)
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -138,9 +134,6 @@ def configure(family: str, fields) -> tuple:
     cfg = replace_fields(lm.LDVIConfig(sigma_y=0.25), dict(overrides, log_every=0), "LDVI")
     if select is not None and not cfg.hidden_latent:
         raise SystemExit("select_scale: input scales need a hidden latent (set hidden_latent=N)")
-    if select_objective is not None and select_objective == cfg.objective:
-        raise SystemExit(f"select_objective: expected an objective other than the config's own "
-                         f"({cfg.objective!r}), got {select_objective!r}")
     if select_iters is not None and select_iters == cfg.iters:
         raise SystemExit(f"select_iters: expected a training length other than the config's own iters "
                          f"({cfg.iters}), got {select_iters!r}")
@@ -175,8 +168,6 @@ def main(out, family, seed, *fields):
                                                             learn_input_scale=False)
         if overrides.get("select_iters"):  # each of them at its own length, or at this one
             candidates = with_alternative(candidates, "iters", overrides["select_iters"], lambda c: f"{c.iters} iters")
-        if overrides.get("select_objective"):  # each of them with its own objective, or with this one
-            candidates = with_alternative(candidates, "objective", overrides["select_objective"], lambda c: c.objective)
         if len(candidates) > 1:
             chosen, val = lm.select_config(list(candidates.values()), train, g(9))
             name, cfg = list(candidates.items())[chosen]
