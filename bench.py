@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -71,14 +71,17 @@ RESULTS = "results"
 
 def method_configs(args) -> dict:
     """name -> (class, config). Ours: the library defaults of LDVIConfig (one source of truth:
-    overdamped, 1800 iterations with the learning rate decaying from 3e-3 to 3e-4, sigma_y fixed)
-    with the flags' K, r, iterations and sigma_y = the true noise; MAML and NP learn their noise."""
+    overdamped, a hidden latent of r_h = 4, 1800 iterations with the learning rate decaying from
+    3e-3 to 3e-4, sigma_y fixed) with the flags' K, r, iterations and sigma_y = the true noise;
+    run_seed then sets their input scale and length by select_design unless --no-select. MAML
+    and NP learn their noise."""
     it = args.iters
     ldvi = dict(K=args.K, latent=args.latent, iters=it["ldvi"], sigma_y=args.noise)
     return {
         "LDVI-underdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="underdamped", **ldvi)),
         "LDVI-overdamped": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **ldvi)),
         "LDVI-K0": (lm.LDVIMeta, lm.LDVIConfig(**{**ldvi, "K": 0})),
+        "LDVI-fixed-hidden": (lm.LDVIMeta, lm.LDVIConfig(kernel="underdamped", **ldvi, **FIXED_HIDDEN)),
         "LDVI-all-weights": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **ldvi, **EARLIER_PRIOR)),
         "LDVI-diagonal": (lm.LDVIMeta, lm.LDVIConfig(kernel="overdamped", **{**ldvi, "latent": 0}, **EARLIER_PRIOR)),
         "NP": (bl.NeuralProcess, bl.NPConfig(iters=it["np"], lr=1e-3)),
@@ -90,16 +93,22 @@ def method_configs(args) -> dict:
     }
 
 
-METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-all-weights", "LDVI-diagonal", "NP", "MAML",
+METHODS = ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0", "LDVI-fixed-hidden", "LDVI-all-weights", "LDVI-diagonal", "NP", "MAML",
            "BMAML", "ALPaCA", "DeepKernelGP")
-ABLATIONS = ("LDVI-all-weights", "LDVI-diagonal")  # not in a default run: --methods LDVI-all-weights,...
+ABLATIONS = ("LDVI-fixed-hidden", "LDVI-all-weights", "LDVI-diagonal")  # not in a default run: --methods ...
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ABLATIONS)
-EARLIER_PRIOR = dict(structure="all", components=1, prior_std_init=0.1)  # the earlier prior: the latent moves all weights
+# the design before the hidden latent: the hidden layers' 1720 weights are the state (prior std 1e-3), trained
+# with the gradient through the chain (without it this state trains much worse)
+FIXED_HIDDEN = dict(hidden_latent=0, drift_grad=True)
+EARLIER_PRIOR = dict(structure="all", components=1, prior_std_init=0.1, **FIXED_HIDDEN)  # the latent moves all weights
 DESCRIPTION = {
     "LDVI-underdamped": "ours: last-layer prior (a 2-component mixture with an r-dim task latent, integrated out "
-                        "exactly given the hidden layers), underdamped kernel",
-    "LDVI-overdamped": "ours: last-layer prior, overdamped kernel",
-    "LDVI-K0": "ours with K = 0: amortized mean-field VI on the hidden layers, last-layer prior",
+                        "exactly given the hidden layers), hidden layers moved by an r_h-dim latent, input scale and "
+                        "length chosen on held-out tasks, underdamped kernel",
+    "LDVI-overdamped": "ours, overdamped kernel",
+    "LDVI-K0": "ours with K = 0: amortized mean-field VI on the hidden latent, last-layer prior",
+    "LDVI-fixed-hidden": "ours with the hidden layers' weights as the state (no hidden latent; the default before "
+                         "2026-12-08), underdamped kernel, full gradient through the chain: ablation",
     "LDVI-all-weights": "ours with the earlier prior (the latent moves every weight), overdamped kernel: ablation",
     "LDVI-diagonal": "ours with the earlier prior and r = 0 (a diagonal prior), overdamped kernel: ablation",
     "ALPaCA": "Bayesian linear regression on meta-learned features, exact inference",
@@ -283,6 +292,7 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
         save_partial(rows)
     if "per_task" in rows.get("Bayes-optimal", {}):
         per_task["Bayes-optimal"] = {int(n): torch.tensor(v) for n, v in rows["Bayes-optimal"]["per_task"].items()}
+    selection = next((r["selection"] for r in rows.values() if r.get("selection")), None)  # --resume: the same choice
     for name in args.methods:
         cls, cfg = method_configs(args)[name]
         if name in rows and rows[name]["status"] == "ok" and not args.gold and \
@@ -294,9 +304,14 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             continue
         cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
         path = lambda d: os.path.join(d, f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")  # noqa: E731
+        loading = args.load_dir or (args.resume and args.save_dir and os.path.exists(path(args.save_dir)))
         try:
+            if selects(args, cfg) and not loading:  # a saved model keeps the design it was trained with
+                if selection is None:
+                    selection = choose_design(args, seed, cfg, train, device)
+                cfg = replace(cfg, **selection["fields"])
             t0, src = time.perf_counter(), None
-            if args.load_dir or (args.resume and args.save_dir and os.path.exists(path(args.save_dir))):
+            if loading:
                 src = path(args.load_dir or args.save_dir)
                 print(f"[bench] seed {seed}: loading {name} from {src}", file=sys.stderr, flush=True)
                 model = cls.load(src, device)
@@ -314,6 +329,8 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             rows[name] = dict(status="ok", scores=summaries(scores, test, per_task.get("Bayes-optimal")),
                               train_s=train_s, ms_per_task=ms, params=n_params(model), config=asdict(model.cfg),
                               loaded_from=src, skipped_updates=getattr(model, "skipped_updates", None))
+            if selects(args, cfg) and not loading:
+                rows[name]["selection"] = selection
             models[name], per_task[name] = model, {n: d["lmlhd"] for n, d in scores.items()}
             if hasattr(model, "exact_predictive"):  # a Gaussian model: its S = infinity row too
                 scores, ms = evaluate_exact(model, test, args.contexts)
@@ -336,6 +353,33 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             plot_prior(f"{stem}_prior{ext}", models, g(9))
             args.written.append(f"{stem}_prior{ext}")
     return rows
+
+
+SELECTED_FIELDS = ("input_scale", "learn_input_scale", "iters")  # what select_design sets in ours' configs
+SELECT_SCALE = 0.5  # the fixed input-scale prior std tau that the held-out tasks weigh against none
+SELECT_CONTEXTS = (1, 2, 4, 8)  # the held-out tasks' context sizes (those up to --points)
+
+
+def selects(args, cfg) -> bool:
+    """Whether this method's config gets its input scale and length from select_design."""
+    return args.select and args.meta_tasks >= 2 and isinstance(cfg, lm.LDVIConfig) and cfg.structure == "last" \
+        and cfg.hidden_latent > 0  # (one meta-training task leaves none to hold out: ours is trained as configured)
+
+
+def choose_design(args, seed: int, cfg, train: lm.Batch, device) -> dict:
+    """select_design on this seed's meta-training tasks, once for all of ours' rows (the choice is
+    made at K = 0 with the overdamped config, so it is the same whichever row asks first)."""
+    t0 = time.perf_counter()
+    print(f"[bench] seed {seed}: choosing the input scale and training length of ours on held-out meta-training "
+          f"tasks (4 trainings at K = 0)", file=sys.stderr, flush=True)
+    base = replace(cfg, kernel="overdamped", log_every=0)
+    contexts = [n for n in SELECT_CONTEXTS if n <= args.points] or [min(SELECT_CONTEXTS)]  # (--points >= 1)
+    chosen, report = lm.select_design(base, train, torch.Generator(device=device).manual_seed(1000 * seed + 10),
+                                      SELECT_SCALE, contexts=contexts)
+    select_s = time.perf_counter() - t0
+    print(f"[bench] seed {seed}: chose {report['chosen']} ({select_s:.0f}s)", file=sys.stderr, flush=True)
+    return dict(chosen=report["chosen"], scores={k: round(v, 4) for k, v in report["scores"].items()},
+                fields={f: getattr(chosen, f) for f in SELECTED_FIELDS}, select_s=select_s)
 
 
 def bayes_rows_complete(rows: dict) -> bool:
@@ -821,6 +865,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None,
                    help="meta-training iterations of every method (default: LDVI 1800, NP 3000, MAML 1500, BMAML 1000, "
                         "ALPaCA and DeepKernelGP 10000)")
+    p.add_argument("--no-select", dest="select", action="store_false",
+                   help="train ours as configured: no choice of input scale and training length on held-out "
+                        "meta-training tasks (by default 4 short K = 0 trainings per seed make it)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds; report mean ± std")
     p.add_argument("--chunk", type=int, default=None,
@@ -1026,6 +1073,13 @@ def check_saved_config(path: str, name: str, args) -> None:
     another configuration than these flags give (its rows would be mislabelled otherwise)."""
     obj = lm.read_model_file(path)
     saved, configs = obj["config"], method_configs(args)
+    for m, (cls, cfg) in configs.items():  # ours: any of the designs select_design chooses between is expected
+        if selects(args, cfg):
+            designs = [{f: getattr(c, f) for f in SELECTED_FIELDS}
+                       for c in lm.design_candidates(cfg, SELECT_SCALE).values()]
+            picked = {f: saved.get(f) for f in SELECTED_FIELDS}
+            if picked in designs:
+                configs[m] = (cls, replace(cfg, **picked))
     plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     differs = lambda cfg: [f for f, want in asdict(cfg).items()  # noqa: E731
                            if f != "log_every" and plain(saved.get(f, "missing")) != plain(want)]
@@ -1053,7 +1107,8 @@ def run_config(args, device) -> dict:
     """Everything that decides the numbers (what --resume compares)."""
     return dict(task=args.task, meta_tasks=args.meta_tasks, points=args.points, test_tasks=args.test_tasks,
                 test_points=args.test_points, noise=args.noise, contexts=args.contexts, samples=args.samples,
-                K=args.K, latent=args.latent, iters=args.iters, quick=args.quick, gold=args.gold, device=str(device),
+                K=args.K, latent=args.latent, iters=args.iters, select=args.select, quick=args.quick, gold=args.gold,
+                device=str(device),
                 methods={name: asdict(cfg) for name, (_, cfg) in method_configs(args).items() if name in args.methods})
 
 
@@ -1177,6 +1232,11 @@ def main(argv=None) -> int:
     lines = ["## Configuration", ""] + [f"- {k}: {v}" for k, v in config.items() if k != "methods"]
     lines += [f"- {name} ({DESCRIPTION.get(name, 'baseline')}): " + ", ".join(f"{k}={v}" for k, v in cfg.items())
               for name, cfg in config["methods"].items()]
+    chosen = [(s, next((r["selection"] for r in rows.values() if r.get("selection")), None))
+              for s, rows in zip(seeds, per_seed)]
+    lines += [f"- ours' design chosen on held-out meta-training tasks, seed {s}: {c['chosen']} (held-out scores: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in c["scores"].items()) + f"; {c['select_s']:.0f} s)"
+              for s, c in chosen if c]
     if args.task not in TASKS:
         lines += ["", f"(no Bayes-optimal rows: the true task distribution of {args.task} is not known to the benchmark)"]
     report = "\n".join(lines + ["", f"## Results ({args.task})", "", table(agg, args.contexts, args.test_points)])

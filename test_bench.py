@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -473,3 +474,54 @@ def test_load_dir_holding_another_method_s_model_says_which_it_holds(tmp_path, c
             bench.parse_args(["--quick", "--methods", method, "--load-dir", str(tmp_path), "--out", out])
         err = capsys.readouterr().err
         assert message in err and "hidden" not in err, err
+
+
+# ours' design chosen on held-out meta-training tasks (select_design), once per seed
+
+def test_quick_run_chooses_one_design_for_all_of_ours_rows(quick_run):
+    """The three rows of ours share one choice, made once, and each trained the chosen design."""
+    _, result, _ = quick_run
+    rows = result["per_seed"][0]
+    ours = [name for name in ("LDVI-underdamped", "LDVI-overdamped", "LDVI-K0")]
+    choices = [rows[name]["selection"] for name in ours]
+    assert all(c == choices[0] for c in choices)
+    chosen = choices[0]
+    assert set(chosen["scores"]) == {"no scale, 15 iters", "scale 0.5, 15 iters", "no scale, 30 iters",
+                                     "scale 0.5, 30 iters"}
+    assert chosen["chosen"] == max(chosen["scores"], key=chosen["scores"].get)
+    for name in ours:
+        cfg = rows[name]["config"]
+        assert {f: cfg[f] for f in bench.SELECTED_FIELDS} == chosen["fields"]
+    assert rows["LDVI-underdamped"]["config"]["K"] == 2 and rows["LDVI-K0"]["config"]["K"] == 0  # K kept
+    assert f"seed 0: {chosen['chosen']}" in result["report"]
+
+
+def test_no_select_trains_ours_as_configured_and_the_ablation_is_never_selected(tmp_path):
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--quiet", "--no-select", "--methods", "LDVI-K0", "--contexts", "0,2",
+                       "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["per_seed"][0]["LDVI-K0"]
+    assert "selection" not in row and row["config"]["input_scale"] == 0 and row["config"]["iters"] == 15
+    out2 = tmp_path / "r2.json"
+    assert bench.main(["--quick", "--quiet", "--methods", "LDVI-fixed-hidden", "--contexts", "0,2",
+                       "--out", str(out2)]) == 0
+    row = json.loads(out2.read_text())["per_seed"][0]["LDVI-fixed-hidden"]
+    assert row["status"] == "ok" and "selection" not in row
+    assert row["config"]["hidden_latent"] == 0 and row["config"]["drift_grad"] is True
+
+
+def test_load_dir_accepts_a_chosen_design_and_refuses_another(tmp_path, capsys):
+    out = str(tmp_path / "r.json")
+    args = bench.parse_args(["--quick", "--methods", "LDVI-K0", "--out", out])
+    cls, cfg = bench.method_configs(args)["LDVI-K0"]
+    path = str(tmp_path / "sinusoid_seed0_LDVI-K0.pt")
+    load = ["--quick", "--methods", "LDVI-K0", "--load-dir", str(tmp_path), "--out", out]
+    cls(replace(cfg, input_scale=0.5, learn_input_scale=False, iters=30), torch.Generator().manual_seed(0)).save(path)
+    assert bench.parse_args(load).load_dir == str(tmp_path)  # one of the four designs the choice makes
+    with pytest.raises(SystemExit):  # with --no-select the flags give the plain config
+        bench.parse_args(load + ["--no-select"])
+    assert "input_scale = 0.5" in capsys.readouterr().err
+    cls(replace(cfg, input_scale=0.3, learn_input_scale=False), torch.Generator().manual_seed(0)).save(path)
+    with pytest.raises(SystemExit):  # not a design the choice makes
+        bench.parse_args(load)
+    assert "input_scale = 0.3" in capsys.readouterr().err

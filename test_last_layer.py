@@ -5,6 +5,7 @@ score), its posterior draws against the conditional Gaussian, exactness when the
 hidden layers are fixed, unbiased weights against plain prior Monte Carlo, exact prior draws at
 n = 0, K = 0 as mean-field VI, the mixture prior, save/load and the HMC gold standard on it.
 Exactness is checked in float64."""
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +22,9 @@ def last_model(g, **kw):
     cfg = dict(structure="last", hidden=(8, 6), enc_hidden=16, enc_dim=8, K=3, latent=2, particles=4,
                tasks_per_batch=4, log_every=0, kernel="overdamped", sigma_y=0.3, hidden_std=0.2, components=1)
     cfg.update(kw)
+    if not cfg.get("hidden_latent"):  # the hidden layers' weights as the state (hidden_latent = 0)
+        cfg["hidden_latent"] = 0
+    cfg.setdefault("drift_grad", cfg["K"] > 0)  # these tests are of the full gradient (True needs K > 0)
     return LDVIMeta(LDVIConfig(**cfg), g)
 
 
@@ -376,12 +380,14 @@ def test_hidden_latent_trains_saves_loads_and_runs_the_gold_standard(tmp_path, i
 @pytest.mark.parametrize("kwargs, name", [
     (dict(structure="all", components=1, hidden_latent=2), "hidden_latent"),
     (dict(hidden_latent=2, hidden_std=0.1), "hidden_std: expected its default 0.001 with hidden_latent > 0"),
-    (dict(hidden_latent_init=0.5), "hidden_latent_init: expected its default 0.1 with hidden_latent = 0"),
+    (dict(hidden_latent=0, hidden_latent_init=0.5), "hidden_latent_init: expected its default 0.1 with hidden_latent = 0"),
     (dict(hidden_latent=-1), "hidden_latent: expected an integer >= 0"),
     (dict(hidden_latent=2.5), "hidden_latent: expected an integer >= 0"),
     (dict(hidden_latent=2, hidden_latent_init=0), "hidden_latent_init: expected a finite number > 0"),
-    (dict(input_scale=0.5), "input_scale: expected its default 0.0 with hidden_latent = 0"),
-    (dict(structure="all", components=1, input_scale=0.5), "input_scale: expected its default 0.0 with structure"),
+    (dict(hidden_latent=0, input_scale=0.5), "input_scale: expected its default 0.0 with hidden_latent = 0"),
+    (dict(structure="all", components=1, hidden_latent=0, input_scale=0.5),
+     "input_scale: expected its default 0.0 with structure"),
+    (dict(structure="all", components=1), "hidden_latent: expected 0 with structure = 'all'"),
     (dict(hidden_latent=2, input_scale=-0.1), r"input_scale: expected a finite number >= 0"),
     (dict(hidden_latent=2, input_scale=float("nan")), r"input_scale: expected a finite number >= 0"),
     (dict(hidden_latent=2, input_scale=True), r"input_scale: expected a finite number >= 0"),
@@ -452,6 +458,47 @@ def test_select_config_and_fixed_scale_bad_inputs(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         lm.select_config(**args)
+
+
+def test_select_design_is_select_config_on_the_four_designs_at_k0():
+    """select_design against the obvious route: design_candidates' four configs (K = 0, no scale or
+    tau fixed, the config's length or twice it) through select_config with the same generator seed;
+    the winner's scale and length go into the config, whose K and kernel stay."""
+    data = sinusoid_batch(8, 8, gen(77))
+    cfg = LDVIConfig(**dict(select_configs()[1].__dict__, K=3, kernel="underdamped", iters=4))
+    candidates = lm.design_candidates(cfg, scale=0.7)
+    assert list(candidates) == ["no scale, 4 iters", "scale 0.7, 4 iters", "no scale, 8 iters", "scale 0.7, 8 iters"]
+    assert all(c.K == 0 and c.drift_grad is False for c in candidates.values())
+    assert [(c.input_scale, c.learn_input_scale, c.iters) for c in candidates.values()] == \
+        [(0.0, True, 4), (0.7, False, 4), (0.0, True, 8), (0.7, False, 8)]
+    best, scores = lm.select_config(list(candidates.values()), data, gen(78), contexts=(1, 2), S=256)
+    chosen, report = lm.select_design(cfg, data, gen(78), scale=0.7, contexts=(1, 2))
+    assert report == dict(chosen=list(candidates)[best], scores=dict(zip(candidates, scores)))
+    pick = list(candidates.values())[best]
+    assert chosen == dataclasses.replace(cfg, input_scale=pick.input_scale, learn_input_scale=pick.learn_input_scale,
+                                         iters=pick.iters)
+    assert chosen.K == 3 and chosen.kernel == "underdamped" and chosen.drift_grad is False
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cfg=dict(hidden_latent=0, hidden_std=1e-3)), "cfg: expected a config with structure = 'last' and hidden_latent > 0"),
+    (dict(cfg="config"), "cfg: expected an LDVIConfig"),
+    (dict(scale=0), "scale: expected a finite number > 0"),
+    (dict(scale=float("inf")), "scale: expected a finite number > 0"),
+    (dict(scale=True), "scale: expected a finite number > 0"),
+    (dict(scale="0.5"), "scale: expected a finite number > 0"),
+    (dict(long_iters=4), "long_iters: expected an integer >= 1 other than cfg.iters = 4"),
+    (dict(long_iters=0), "long_iters: expected an integer >= 1"),
+    (dict(long_iters=8.0), "long_iters: expected an integer >= 1"),
+])
+def test_design_candidates_bad_inputs_are_refused_before_any_training(kwargs, message):
+    base = dict(select_configs()[1].__dict__, iters=4)
+    cfg = kwargs.pop("cfg", {})
+    cfg = LDVIConfig(**dict(base, **cfg)) if isinstance(cfg, dict) else cfg
+    for call in (lambda: lm.design_candidates(cfg, **kwargs),
+                 lambda: lm.select_design(cfg, sinusoid_batch(4, 8, gen(79)), gen(79), **kwargs)):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            call()
 
 
 @pytest.mark.parametrize("kw", [dict(components=1), dict(components=3, latent=0),

@@ -52,8 +52,9 @@ def sinusoid_batch(T, N, g, dtype=torch.float32):
 def small_model(g, **kw):
     cfg = dict(hidden=(8, 8), enc_hidden=16, enc_dim=8, K=3, latent=3, particles=4, tasks_per_batch=4, log_every=0,
                kernel="underdamped", sigma_y=0.5, lr=1e-3, lr_final=1.0, structure="all",
-               components=1)
+               components=1, hidden_latent=0)
     cfg.update(kw)
+    cfg.setdefault("drift_grad", cfg["K"] > 0)  # these tests are of the full gradient (True needs K > 0)
     return LDVIMeta(LDVIConfig(**cfg), g)
 
 
@@ -582,7 +583,7 @@ def test_a_non_finite_gradient_skips_the_update_and_too_many_are_an_error():
     (dict(hidden=40), "hidden: expected a tuple"), (dict(dx=1.5), "dx"), (dict(latent=-1), "latent"),
     (dict(lr_final=0.0), "lr_final"), (dict(K=True), "K"),
     (dict(drift_grad="no"), "drift_grad: expected True or False"), (dict(drift_grad=0), "drift_grad"),
-    (dict(K=0, drift_grad=False), "drift_grad: expected its default True with K = 0"),
+    (dict(K=0, drift_grad=True), "drift_grad: expected its default False with K = 0"),
 ])
 def test_bad_config_values(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -116,7 +116,7 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
     ("sinusoid", ["hidden_latent=4", "select_scale=0"], "select_scale: expected a number > 0"),
     ("sinusoid", ["hidden_latent=4", "select_scale=big"], "select_scale: expected a number > 0"),
     ("sinusoid", ["method=ALPaCA", "select_scale=0.5"], "select_scale: chooses between LDVI configs"),
-    ("sinusoid", ["select_scale=0.5"], "select_scale: input scales need a hidden latent"),
+    ("sinusoid", ["hidden_latent=0", "select_scale=0.5"], "select_scale: input scales need a hidden latent"),
     ("sinusoid", ["load=m.pt", "select_scale=0.5"], "so select_scale cannot be set with it"),
     ("sinusoid", ["select_iters=0"], "select_iters: expected an integer >= 1"),
     ("sinusoid", ["select_iters=36.5"], "select_iters: expected an integer >= 1"),
@@ -131,11 +131,13 @@ def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, me
     assert message in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("field, value", [("hidden_std", 0.5), ("hidden_latent", 2)])
-def test_a_last_layer_field_with_the_all_weights_prior_is_refused(field, value):
-    with pytest.raises(ValueError, match=f"{field}: expected its default .* with structure = 'all'"):
-        lm.LDVIConfig(structure="all", components=1, **{field: value})
-    lm.LDVIConfig(structure="all", components=1)  # the defaults themselves are accepted
+@pytest.mark.parametrize("field, value, expected", [("hidden_std", 0.5, "its default .*"),
+                                                     ("hidden_latent_init", 0.5, "its default .*"),
+                                                     ("hidden_latent", 2, "0")])
+def test_a_last_layer_field_with_the_all_weights_prior_is_refused(field, value, expected):
+    with pytest.raises(ValueError, match=f"{field}: expected {expected} with structure = 'all'"):
+        lm.LDVIConfig(**{"structure": "all", "components": 1, "hidden_latent": 0, field: value})
+    lm.LDVIConfig(structure="all", components=1, hidden_latent=0)  # its defaults otherwise are accepted
 
 
 def test_random_subset_needs_a_generator():
@@ -211,7 +213,7 @@ def test_a_singular_gram_matrix_names_sigma_y():
 
 
 def test_a_non_finite_last_layer_posterior_names_sigma_y():
-    model = lm.LDVIMeta(lm.LDVIConfig(hidden=(8, 8), log_every=0), gen(0))
+    model = lm.LDVIMeta(lm.LDVIConfig(hidden=(8, 8), hidden_latent=0, log_every=0), gen(0))
     ctx = lm.first_n(data(), 3)
     with torch.no_grad():
         Phi = model._design(model.feature_bnn(model.sample_prior(3, 2, gen(1)), ctx.x), ctx.mask)
