@@ -124,6 +124,11 @@ def test_screen_applies_every_field_it_records_to_a_baseline():
                                                     "config's own iters (900)"),
     ("sinusoid", ["method=NP", "select_iters=3600"], "select_iters: chooses between LDVI configs"),
     ("sinusoid", ["load=m.pt", "select_iters=3600"], "so select_iters cannot be set with it"),
+    ("sinusoid", ["select=1"], "select: expected True or False"),
+    ("sinusoid", ["select=True", "select_scale=0.5"], "select: makes the benchmark's own choice"),
+    ("sinusoid", ["method=NP", "select=True"], "select: chooses between LDVI configs"),
+    ("sinusoid", ["hidden_latent=0", "select=True"], "select: input scales need a hidden latent"),
+    ("sinusoid", ["load=m.pt", "select=True"], "so select cannot be set with it"),
 ])
 def test_screen_refuses_fields_it_would_ignore_or_cannot_read(family, fields, message):
     with pytest.raises(SystemExit) as info:

@@ -12,7 +12,9 @@ median effective sample size of the importance weights of 1024 particles (ESS, f
         the model's init and training stream afresh, on the same data and test tasks: the training noise;
         select_scale=TAU chooses between the config and the config with input scales fixed at TAU by
         ldvi_meta.select_config on held-out meta-training tasks, then trains the chosen one on all of them;
-        select_iters=N also lets it choose between the config's training length and N iterations)
+        select_iters=N also lets it choose between the config's training length and N iterations;
+        select=True makes the benchmark's own choice instead, bench.choose_design with its seed: what a
+        default row of bench.py trains)
     python results/screen.py OUT.jsonl FAMILY SEED method=ALPaCA     (a baseline with the benchmark's settings)
     python results/screen.py OUT.jsonl FAMILY SEED load=MODEL.pt gold=16
         (a saved screening model, no training; gold=N adds bench.py's HMC gold standard on the first N
@@ -117,6 +119,11 @@ def configure(family: str, fields) -> tuple:
                         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"))
     select_iters = pop_choice(overrides, "select_iters", method, rep, "an integer >= 1 (the training length to "
                               "choose against the config's own)", lambda v: is_int(v, 1))
+    bench_choice = pop_choice(overrides, "select", method, rep, "True or False (the benchmark's held-out choice "
+                              "of input scale and training length)", lambda v: isinstance(v, bool))
+    if bench_choice and (select is not None or select_iters is not None):
+        raise SystemExit("select: makes the benchmark's own choice, so select_scale and select_iters cannot be set "
+                         "with it")
     if "load" in overrides and extra:
         raise SystemExit(f"load=: a saved model keeps the config it was trained with, so {', '.join(extra)} "
                          "cannot be set with it")
@@ -134,6 +141,8 @@ def configure(family: str, fields) -> tuple:
     cfg = replace_fields(lm.LDVIConfig(sigma_y=0.25), dict(overrides, log_every=0), "LDVI")
     if select is not None and not cfg.hidden_latent:
         raise SystemExit("select_scale: input scales need a hidden latent (set hidden_latent=N)")
+    if bench_choice and not cfg.hidden_latent:
+        raise SystemExit("select: input scales need a hidden latent (leave hidden_latent at its default)")
     if select_iters is not None and select_iters == cfg.iters:
         raise SystemExit(f"select_iters: expected a training length other than the config's own iters "
                          f"({cfg.iters}), got {select_iters!r}")
@@ -168,7 +177,12 @@ def main(out, family, seed, *fields):
                                                             learn_input_scale=False)
         if overrides.get("select_iters"):  # each of them at its own length, or at this one
             candidates = with_alternative(candidates, "iters", overrides["select_iters"], lambda c: f"{c.iters} iters")
-        if len(candidates) > 1:
+        if overrides.get("select"):  # what bench.py does for its default rows, with its seed
+            args = bench.parse_args(["--out", os.path.join(tempfile.gettempdir(), "screen.json")])
+            choice = bench.choose_design(args, seed, cfg, train, torch.device("cpu"))
+            cfg = dataclasses.replace(cfg, **choice["fields"])
+            selected = dict(chosen=choice["chosen"], scores=choice["scores"])
+        elif len(candidates) > 1:
             chosen, val = lm.select_config(list(candidates.values()), train, g(9))
             name, cfg = list(candidates.items())[chosen]
             selected = dict(chosen=name, scores={k: round(v, 3) for k, v in zip(candidates, val)})
