@@ -107,8 +107,8 @@ DESCRIPTION = {
                         "length chosen on held-out tasks, underdamped kernel",
     "LDVI-overdamped": "ours, overdamped kernel",
     "LDVI-K0": "ours with K = 0: amortized mean-field VI on the hidden latent, last-layer prior",
-    "LDVI-fixed-hidden": "ours with the hidden layers' weights as the state (no hidden latent; the default before "
-                         "2026-12-08), underdamped kernel, full gradient through the chain: ablation",
+    "LDVI-fixed-hidden": "ours with the hidden layers' weights as the state (no hidden latent; the default until "
+                         "2026-12-07), underdamped kernel, full gradient through the chain: ablation",
     "LDVI-all-weights": "ours with the earlier prior (the latent moves every weight), overdamped kernel: ablation",
     "LDVI-diagonal": "ours with the earlier prior and r = 0 (a diagonal prior), overdamped kernel: ablation",
     "ALPaCA": "Bayesian linear regression on meta-learned features, exact inference",
