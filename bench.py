@@ -305,8 +305,9 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
         cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
         path = lambda d: os.path.join(d, f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")  # noqa: E731
         loading = args.load_dir or (args.resume and args.save_dir and os.path.exists(path(args.save_dir)))
+        chooses = selects(args, cfg) and not loading  # a saved model keeps the design it was trained with
         try:
-            if selects(args, cfg) and not loading:  # a saved model keeps the design it was trained with
+            if chooses:
                 if selection is None:
                     selection = choose_design(args, seed, cfg, train, device)
                 cfg = replace(cfg, **selection["fields"])
@@ -329,7 +330,7 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
             rows[name] = dict(status="ok", scores=summaries(scores, test, per_task.get("Bayes-optimal")),
                               train_s=train_s, ms_per_task=ms, params=n_params(model), config=asdict(model.cfg),
                               loaded_from=src, skipped_updates=getattr(model, "skipped_updates", None))
-            if selects(args, cfg) and not loading:
+            if chooses:
                 rows[name]["selection"] = selection
             models[name], per_task[name] = model, {n: d["lmlhd"] for n, d in scores.items()}
             if hasattr(model, "exact_predictive"):  # a Gaussian model: its S = infinity row too
@@ -373,7 +374,7 @@ def choose_design(args, seed: int, cfg, train: lm.Batch, device) -> dict:
     print(f"[bench] seed {seed}: choosing the input scale and training length of ours on held-out meta-training "
           f"tasks (4 trainings at K = 0)", file=sys.stderr, flush=True)
     base = replace(cfg, kernel="overdamped", log_every=0)
-    contexts = [n for n in SELECT_CONTEXTS if n <= args.points] or [min(SELECT_CONTEXTS)]  # (--points >= 1)
+    contexts = [n for n in SELECT_CONTEXTS if n <= args.points]                 # (--points >= 1 = the smallest)
     chosen, report = lm.select_design(base, train, torch.Generator(device=device).manual_seed(1000 * seed + 10),
                                       SELECT_SCALE, contexts=contexts)
     select_s = time.perf_counter() - t0
@@ -940,6 +941,9 @@ def check_args(args) -> None:
             raise ValueError(f"--gold: expected at most --test-tasks = {args.test_tasks} tasks, got {args.gold}")
         if not any(m.startswith("LDVI") for m in args.methods):
             raise ValueError("--gold: needs at least one LDVI method in --methods")
+    if args.select and args.meta_tasks < 2 and any(m.startswith("LDVI") for m in args.methods):
+        print("[bench] --meta-tasks 1: no task to hold out, so ours is trained as configured, without the held-out "
+              "choice of input scale and length (as with --no-select)", file=sys.stderr)
     args.hmc = dict(chains=64, warmup=300, draws=160, n_leapfrog=10) if not args.quick else \
         dict(chains=8, warmup=10, draws=10, n_leapfrog=3)
     args.bayes_draws = BAYES_DRAWS  # also in a --quick run: one rule for which noise levels the exact rows allow

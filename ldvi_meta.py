@@ -1128,9 +1128,8 @@ def select_design(cfg: LDVIConfig, data: Batch, gen: torch.Generator, scale: flo
     (the chosen config, {"chosen": name, "scores": {name: held-out score}}).
 
     The held-out predictive (select_config, at the given context sizes) of the four
-    design_candidates decides; they are
-    trained at K = 0, and the winner's input_scale, learn_input_scale and iters are set in
-    cfg, whose K and kernel are kept. Why: on 64 meta-training tasks the training objective
+    design_candidates decides; they are trained at K = 0, and the winner's input_scale,
+    learn_input_scale and iters are set in cfg, whose K and kernel are kept. Why: on 64 meta-training tasks the training objective
     itself never asks for an input scale (it prefers hidden-layer directions that cover the
     training tasks), while tasks it has not seen tell whether the features must stretch from
     task to task; and how long to train before overfitting is a property of the data set too."""

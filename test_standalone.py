@@ -168,6 +168,14 @@ def test_bench_quick_with_one_meta_training_task_runs(tmp_path):
     assert out.exists()
 
 
+def test_one_meta_training_task_says_ours_is_trained_without_the_held_out_choice(tmp_path, capsys):
+    out = str(tmp_path / "r.json")
+    bench.parse_args(["--quick", "--meta-tasks", "1", "--methods", "LDVI-K0", "--out", out])
+    assert "no task to hold out" in capsys.readouterr().err
+    bench.parse_args(["--quick", "--meta-tasks", "1", "--no-select", "--methods", "LDVI-K0", "--out", out])
+    assert "no task to hold out" not in capsys.readouterr().err
+
+
 def test_split_rhat_needs_two_draws_per_half_chain():
     with pytest.raises(ValueError, match=r"x: expected a tensor \[T, C, N\] with N >= 4"):
         gold.split_rhat(torch.zeros(2, 8, 1))
