@@ -53,7 +53,6 @@ import re
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 
 import torch
@@ -176,8 +175,6 @@ def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chun
     parts = task_chunks(test, chunk)
     jobs = [(n, part) for n in contexts for part in parts]
     seeds = torch.randint(0, 2 ** 62, (len(jobs),), generator=gen, device=gen.device).tolist()
-    cpu = test.x.device.type == "cpu"
-    workers = (workers or torch.get_num_threads()) if cpu else 1
 
     def job(i):
         n, part = jobs[i]
@@ -185,12 +182,10 @@ def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chun
         mean, std = model.predictive(lm.first_n(part, n), part.x, S, g)
         return lm.log_predictive(mean, std, part), lm.mse(mean, part), coverage_counts(mean, std, part)
 
-    out, t0, threads = {}, time.perf_counter(), torch.get_num_threads()
-    done, pool = [], ThreadPoolExecutor(workers)
+    out, t0, done = {}, time.perf_counter(), []
+    results = lm.parallel_map(job, range(len(jobs)), workers or torch.get_num_threads(), test.x.device)
     try:
-        if cpu:  # one intra-op thread per job whatever the pool size: the same numbers for any `workers`
-            torch.set_num_threads(1)
-        for i, res in enumerate(pool.map(job, range(len(jobs)))):
+        for i, res in enumerate(results):
             done.append(res)
             if (i + 1) % len(parts):
                 continue
@@ -204,8 +199,7 @@ def evaluate(model, test: lm.Batch, contexts, S: int, gen: torch.Generator, chun
                 print(f"[bench] {name}: evaluated n = {n} ({k}/{len(contexts)}), {el:.0f}s, "
                       f"eta {el / k * (len(contexts) - k):.0f}s", file=sys.stderr, flush=True)
     finally:  # a failure (or Ctrl-C) drops the jobs not yet started instead of running them all first
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
+        results.close()
     return out, (time.perf_counter() - t0) * 1e3 / (len(contexts) * test.x.shape[0])
 
 

@@ -77,7 +77,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -229,9 +229,9 @@ class BNN:
         h = x.unsqueeze(1)  # [T, 1, N, dx]
         acts = [h]
         for l, (W, b) in enumerate(layers):
-            h = _matmul(h, W).add_(b.unsqueeze(-2))  # [T, P, N, dout]; in place on a fresh tensor
+            h = _affine(h, W, b)  # [T, P, N, dout]
             if l < len(layers) - 1:
-                h = F.relu(h)
+                h = h.relu_()     # in place on a fresh tensor (no product's backward needs its output)
                 acts.append(h)
         return h, layers, acts
 
@@ -286,6 +286,19 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if b.shape[-1] == 1 or a.shape[-2] == 1:
         return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)     # [..., n, k, m] summed over k
     return torch.matmul(a, b)
+
+
+def _affine(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """h @ W + b for a layer's inputs h [T, 1 or P, N, din], weights W [T, P, din, dout] and biases
+    b [T, P, dout], in one pass where a fused op exists: addcmul for din = 1 (the outer product of
+    the first layer when dx = 1) and baddbmm for the particles' own inputs. Both 1.2-1.8x faster on a
+    CPU than a product followed by a separate bias pass; tested against h @ W + b."""
+    if h.shape[-1] == 1:
+        return torch.addcmul(b.unsqueeze(-2), h, W)                               # [T, P, N, dout]
+    if W.shape[-1] > 1 and h.shape[:-2] == W.shape[:-2]:
+        T, P, N, k = h.shape
+        return torch.baddbmm(b.reshape(T * P, 1, -1), h.reshape(T * P, N, k), W.reshape(T * P, k, -1)).view(T, P, N, -1)
+    return _matmul(h, W).add_(b.unsqueeze(-2))                                   # [T, P, N, dout]
 
 
 def gaussian_loglik(f: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, sigma) -> torch.Tensor:
@@ -824,13 +837,14 @@ class LDVIMeta(SaveLoad, nn.Module):
         d log s_i / d z_s,i * sum_j g_W1[i, j] W1[i, j] (W1 scaled)."""
         cfg = self.cfg
         if not cfg.input_scale:
-            return g @ self.hidden_basis                                         # B_h^T g  [T, P, r_h]
+            # (B_h^T laid out contiguously: this skinny product is then 3-5x faster on a CPU)
+            return g @ self.hidden_basis.T.contiguous().T                        # B_h^T g  [T, P, r_h]
         n1, shape = cfg.dx * cfg.hidden[0], (cfg.dx, cfg.hidden[0])
         scale, dlog = self._input_scales(v)                                      # [T, P, dx, 1], [T, P, dx]
         gW1 = g[..., :n1].unflatten(-1, shape)                                   # [T, P, dx, H_1]
         g_s = (gW1 * theta[..., :n1].unflatten(-1, shape)).sum(-1) * dlog        # [T, P, dx]
         g0 = torch.cat([(gW1 * scale).flatten(-2), g[..., n1:]], -1)             # d L / d (mu_h + B_h z_h)
-        return torch.cat([g0 @ self.hidden_basis, g_s], -1)                     # [T, P, r_h + dx]
+        return torch.cat([g0 @ self.hidden_basis.T.contiguous().T, g_s], -1)   # [T, P, r_h + dx]
 
     def _collapsed(self, v: torch.Tensor, ctx: Batch):
         """structure = "last": log p(C | theta_h) with the last layer integrated out [T, P], its
@@ -1066,7 +1080,7 @@ def meta_train(model: LDVIMeta, data: Batch, gen: torch.Generator, iters: int | 
 
 
 def select_config(configs, data: Batch, gen: torch.Generator, holdout: float = 0.25, contexts=(1, 2, 4, 8),
-                  S: int = 256):
+                  S: int = 256, workers: int | None = None):
     """Model selection on held-out meta-training tasks: (index of the best config, scores [len(configs)]).
 
     A random `holdout` share of the tasks is set aside; each config is meta-trained on the rest
@@ -1074,12 +1088,16 @@ def select_config(configs, data: Batch, gen: torch.Generator, holdout: float = 0
     held-out tasks and n in `contexts` of the log predictive of all the task's points given its
     first n (the benchmark's estimator with S draws). Unlike the training objective, this asks
     what a config does on tasks it has not seen: on 64 tasks the ELBO prefers no input scale even
-    for a family whose frequency varies, where the held-out predictive prefers one."""
+    for a family whose frequency varies, where the held-out predictive prefers one.
+
+    The configs are trained side by side on `workers` threads (default: torch's thread count)
+    with one intra-op thread each (parallel_map): the scores do not depend on `workers`."""
     _require(isinstance(configs, (list, tuple)) and len(configs) >= 1
              and all(isinstance(c, LDVIConfig) for c in configs), "configs", "a non-empty list of LDVIConfig", configs)
     _require(_is_real(holdout) and 0 < holdout < 1, "holdout", "a number in (0, 1)", holdout)
     _require(isinstance(contexts, (list, tuple)) and len(contexts) >= 1 and all(_is_int(n) and n >= 0 for n in contexts),
              "contexts", "a non-empty list of integers >= 0", contexts)
+    _require(workers is None or (_is_int(workers) and workers >= 1), "workers", "None or an integer >= 1", workers)
     S, gen = check_samples(S), check_generator(gen)
     like = torch.zeros((), device=check_batch(data, "data").x.device)           # the models are float32
     for cfg in configs:
@@ -1092,13 +1110,15 @@ def select_config(configs, data: Batch, gen: torch.Generator, holdout: float = 0
     order = torch.randperm(T, generator=gen, device=gen.device).to(data.x.device)  # [T]
     train, held = (Batch(*(t[idx] for t in data)) for idx in (order[n_hold:], order[:n_hold]))
     seeds = torch.randint(2 ** 62, (3,), generator=gen, device=gen.device).tolist()  # init, training, evaluation
-    scores = []
-    for cfg in configs:
-        model = LDVIMeta(cfg, torch.Generator().manual_seed(seeds[0])).to(data.x.device)
-        model.fit(train, torch.Generator(device=data.x.device).manual_seed(seeds[1]))
-        g_eval = torch.Generator(device=data.x.device).manual_seed(seeds[2])
+    dev = data.x.device
+
+    def score(cfg):
+        model = LDVIMeta(cfg, torch.Generator().manual_seed(seeds[0])).to(dev)
+        model.fit(train, torch.Generator(device=dev).manual_seed(seeds[1]))
+        g_eval = torch.Generator(device=dev).manual_seed(seeds[2])
         lp = [log_predictive(*model.predictive(first_n(held, n), held.x, S, g_eval), held) for n in contexts]  # [T_hold]
-        scores.append(torch.stack(lp).mean().item())
+        return torch.stack(lp).mean().item()
+    scores = list(parallel_map(score, configs, workers or torch.get_num_threads(), dev))
     return max(range(len(configs)), key=scores.__getitem__), scores
 
 
@@ -1425,6 +1445,26 @@ def train_loop(params, loss_fn: Callable[[int], torch.Tensor], iters: int, lr: f
             print(f"[{name}] it {it + 1}/{iters}  loss {recent:.3f}  {el / (it + 1) * 1e3:.1f} ms/it  "
                   f"eta {el / (it + 1) * (iters - it - 1):.0f}s", file=sys.stderr, flush=True)
     return [h.item() for h in history]
+
+
+def parallel_map(fn: Callable, items, workers: int, device="cpu") -> Iterator:
+    """fn(item) for every item, yielded in order. On a CPU the items run on `workers` threads with one
+    intra-op thread each: the batched ops of one small model are small, and two such jobs use two
+    cores better than one job on two threads (1.4-1.5x, measured on evaluation and on training).
+    torch's thread count is 1 throughout whatever `workers` is, so the numbers do not depend on
+    it; it is restored after. A failure (or an early exit of the caller) drops the jobs not yet
+    started. On other devices the items run one after another."""
+    items = list(items)
+    if torch.device(device).type != "cpu":
+        yield from map(fn, items)
+        return
+    threads, pool = torch.get_num_threads(), ThreadPoolExecutor(workers)
+    try:
+        torch.set_num_threads(1)
+        yield from pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def cosine_lr(it: int, iters: int, lr: float, lr_final: float) -> float:

@@ -428,6 +428,18 @@ def test_select_config_prefers_the_trained_model_and_is_reproducible():
     assert lm.select_config(select_configs(), data, gen(74), contexts=(1, 4), S=64) == (best, scores)
 
 
+def test_select_config_scores_do_not_depend_on_the_number_of_workers():
+    """The configs train side by side with one intra-op thread each: any `workers` gives the same
+    scores, equal to training and scoring each config alone in turn, and torch's threads are restored."""
+    data = sinusoid_batch(8, 8, gen(79))
+    configs = select_configs() + [select_configs(iters=30)[1]]
+    threads = torch.get_num_threads()
+    runs = [lm.select_config(configs, data, gen(80), contexts=(1, 2), S=32, workers=w) for w in (1, 2, 3)]
+    assert runs[0] == runs[1] == runs[2] and torch.get_num_threads() == threads
+    alone = [lm.select_config([c], data, gen(80), contexts=(1, 2), S=32, workers=1)[1][0] for c in configs]
+    assert runs[0][1] == alone  # each config's score is its own: the same split and seeds for every config
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(configs=[]), "configs: expected a non-empty list of LDVIConfig"),
     (dict(configs=[dict(K=0)]), "configs: expected a non-empty list of LDVIConfig"),
@@ -437,6 +449,10 @@ def test_select_config_prefers_the_trained_model_and_is_reproducible():
     (dict(contexts=()), "contexts: expected a non-empty list of integers >= 0"),
     (dict(contexts=(1.5,)), "contexts: expected a non-empty list of integers >= 0"),
     (dict(S=0), "S: expected"),
+    (dict(workers=0), "workers: expected None or an integer >= 1, got 0"),
+    (dict(workers=1.5), "workers: expected None or an integer >= 1, got 1.5"),
+    (dict(workers=True), "workers: expected None or an integer >= 1, got True"),
+    (dict(workers="2"), "workers: expected None or an integer >= 1, got '2'"),
     (dict(gen=None), "gen: expected a torch.Generator"),
     (dict(data="tasks"), "data: expected a Batch"),
     (dict(data=1), "data: expected a Batch"),

@@ -233,10 +233,50 @@ def test_diagonal_prior_r0_is_the_theta_space_model(kernel):
     assert torch.allclose(theta, ref_theta, atol=1e-10) and torch.allclose(log_w, ref_log_w, atol=1e-8)
 
 
-def test_analytic_bnn_gradient_matches_autograd():
+@pytest.mark.parametrize("h_shape, w_shape", [
+    ((2, 1, 7, 1), (2, 3, 1, 5)),   # the first layer with dx = 1: one addcmul
+    ((2, 3, 7, 4), (2, 3, 4, 5)),   # the particles' own inputs: one baddbmm
+    ((2, 1, 7, 4), (2, 3, 4, 5)),   # the first layer with dx > 1: a product, then the bias
+    ((2, 3, 7, 4), (2, 3, 4, 1)),   # the last layer with dy = 1: a broadcast product, then the bias
+])
+def test_fused_affine_layer_is_h_w_plus_b(h_shape, w_shape):
+    """_affine against the obvious h @ W + b, in value and (through autograd) in gradient."""
+    g = gen(31)
+    h, W = torch.randn(h_shape, dtype=F64, generator=g), torch.randn(w_shape, dtype=F64, generator=g)
+    b = torch.randn(w_shape[:2] + w_shape[-1:], dtype=F64, generator=g)
+    ref = lambda h, W, b: h @ W + b.unsqueeze(-2)  # noqa: E731
+    out = lm._affine(h, W, b)
+    assert out.shape == ref(h, W, b).shape and torch.allclose(out, ref(h, W, b), atol=1e-12)
+    v = torch.randn(out.shape, dtype=F64, generator=g)
+    grads = [torch.autograd.grad((f(*ts) * v).sum(), ts)
+             for f in (lm._affine, ref) for ts in [[t.clone().requires_grad_(True) for t in (h, W, b)]]]
+    assert all(torch.allclose(a, c, atol=1e-12) for a, c in zip(*grads))
+
+
+def test_parallel_map_keeps_order_restores_threads_and_reports_failures():
+    threads = torch.get_num_threads()
+    inside = []
+
+    def job(i):
+        inside.append(torch.get_num_threads())
+        return i * i
+    assert list(lm.parallel_map(job, range(7), workers=3)) == [i * i for i in range(7)]
+    assert set(inside) == {1} and torch.get_num_threads() == threads  # one intra-op thread per job, then restored
+
+    def bad(i):
+        if i == 2:
+            raise FloatingPointError("job 2")
+        return i
+    with pytest.raises(FloatingPointError, match="job 2"):
+        list(lm.parallel_map(bad, range(5), workers=2))
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("dx, dy", [(2, 3), (1, 1)])
+def test_analytic_bnn_gradient_matches_autograd(dx, dy):
     g = gen(3)
-    bnn = lm.BNN(2, 3, (7, 5))
-    data = lm.make_batch(torch.randn(2, 6, 2, dtype=F64, generator=g), torch.randn(2, 6, 3, dtype=F64, generator=g),
+    bnn = lm.BNN(dx, dy, (7, 5))
+    data = lm.make_batch(torch.randn(2, 6, dx, dtype=F64, generator=g), torch.randn(2, 6, dy, dtype=F64, generator=g),
                          torch.rand(2, 6, generator=g) > 0.3)
     theta = torch.randn(2, 4, bnn.n_params, dtype=F64, generator=g)
     sigma = torch.tensor(0.7, dtype=F64)
@@ -450,13 +490,14 @@ def test_trained_diffusion_beats_mean_field(kernel):
 # -----------------------------------------------------------------------------
 # the batched BNN, the encoder, the model
 
-def test_batched_bnn_equals_loop():
+@pytest.mark.parametrize("dx, dy", [(2, 3), (1, 1)])  # (1, 1): the first and last layers' width-1 paths
+def test_batched_bnn_equals_loop(dx, dy):
     g = gen(4)
-    bnn = lm.BNN(2, 3, (5, 6))
+    bnn = lm.BNN(dx, dy, (5, 6))
     theta = torch.randn(3, 4, bnn.n_params, generator=g, dtype=F64)
-    x = torch.randn(3, 7, 2, generator=g, dtype=F64)
+    x = torch.randn(3, 7, dx, generator=g, dtype=F64)
     out = bnn(theta, x)
-    assert out.shape == (3, 4, 7, 3)
+    assert out.shape == (3, 4, 7, dy)
     for t in range(3):
         for p in range(4):
             h, i = x[t], 0
