@@ -525,3 +525,31 @@ def test_load_dir_accepts_a_chosen_design_and_refuses_another(tmp_path, capsys):
     with pytest.raises(SystemExit):  # not a design the choice makes
         bench.parse_args(load)
     assert "input_scale = 0.3" in capsys.readouterr().err
+
+
+def test_a_row_of_ours_has_the_same_numbers_alone_as_beside_the_others(quick_run, tmp_path):
+    """Ours' rows train side by side with one intra-op thread each: a row run alone (with its own
+    held-out choice) gives exactly the numbers it has in the full run."""
+    _, result, _ = quick_run
+    out = tmp_path / "r.json"
+    assert bench.main(["--task", "sinusoid", "--quick", "--quiet", "--methods", "LDVI-K0", "--out", str(out)]) == 0
+    alone, full = json.loads(out.read_text())["per_seed"][0]["LDVI-K0"], result["per_seed"][0]["LDVI-K0"]
+    assert alone["selection"]["scores"] == full["selection"]["scores"]
+    assert alone["scores"] == full["scores"]
+
+
+def test_a_row_of_ours_that_diverges_beside_the_others_fails_alone(tmp_path, monkeypatch, capsys):
+    original = bench.method_configs
+
+    def configs(args):  # the K = 0 row with an absurd learning rate, the other as configured
+        out = original(args)
+        out["LDVI-K0"][1].lr = 1e30
+        return out
+    monkeypatch.setattr(bench, "method_configs", configs)
+    out = tmp_path / "r.json"
+    code = bench.main(["--quick", "--quiet", "--no-select", "--methods", "LDVI-overdamped,LDVI-K0", "--contexts", "0,2",
+                       "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert code == 1 and rows["LDVI-K0"]["status"] == "failed" and "K0" in rows["LDVI-K0"]["error"]
+    assert rows["LDVI-overdamped"]["status"] == "ok"
+    assert "LDVI-K0 FAILED" in capsys.readouterr().err
