@@ -287,70 +287,38 @@ def run_seed(args, seed: int, device, done: dict, save_partial) -> dict:
     if "per_task" in rows.get("Bayes-optimal", {}):
         per_task["Bayes-optimal"] = {int(n): torch.tensor(v) for n, v in rows["Bayes-optimal"]["per_task"].items()}
     selection = next((r["selection"] for r in rows.values() if r.get("selection")), None)  # --resume: the same choice
-    path = lambda name, d: os.path.join(d, f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")  # noqa: E731
-
-    def reused(name, cls):  # finished in the partial results (--resume)
-        return name in rows and rows[name]["status"] == "ok" and not args.gold and \
-            (not issubclass(cls, bl.GaussianModel) or name + EXACT in rows)
-
-    def loading(name):
-        return args.load_dir or (args.resume and args.save_dir and os.path.exists(path(name, args.save_dir)))
-
-    def config(name):  # the row's config; ours gets the held-out choice unless it is loaded
-        nonlocal selection
-        cls, cfg = method_configs(args)[name]
-        cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
-        if selects(args, cfg) and not loading(name):  # a saved model keeps the design it was trained with
-            if selection is None:
-                selection = choose_design(args, seed, cfg, train, device)
-            cfg = replace(cfg, **selection["fields"])
-        return cls, cfg
-
-    def fit(name):  # -> (model, train_s), or the exception
-        t0 = time.perf_counter()
-        try:
-            cls, cfg = config(name)
-            print(f"[bench] seed {seed}: training {name}", file=sys.stderr, flush=True)
-            model = cls(cfg, torch.Generator().manual_seed(1000 * seed + 3)).to(device)
-            model.fit(train, g(4))
-            return model, time.perf_counter() - t0
-        except Exception as e:  # noqa: BLE001 -- becomes the row's failure below
-            return e, 0.0
-
-    # ours' rows train side by side, one intra-op thread each (lm.parallel_map): 1.3-1.4x less wall time
-    # on two cores, and a row's numbers do not depend on which other rows this run trains
-    ours = [n for n in args.methods if issubclass(method_configs(args)[n][0], lm.LDVIMeta)
-            and not reused(n, lm.LDVIMeta) and not loading(n)]
-    if any(selects(args, method_configs(args)[n][1]) for n in ours) and selection is None:
-        try:  # once, before the trainings that share it
-            selection = choose_design(args, seed, method_configs(args)[ours[0]][1], train, device)
-        except Exception:  # noqa: BLE001 -- then each row meets the failure itself, one after another, below
-            ours = []
-    trained = dict(zip(ours, lm.parallel_map(fit, ours, torch.get_num_threads(), device)))
     for name in args.methods:
-        cls = method_configs(args)[name][0]
-        if reused(name, cls):
+        cls, cfg = method_configs(args)[name]
+        if name in rows and rows[name]["status"] == "ok" and not args.gold and \
+                (not issubclass(cls, bl.GaussianModel) or name + EXACT in rows):
             print(f"[bench] seed {seed}: {name} reused from the partial results (--resume)", file=sys.stderr)
-            saved = path(name, args.save_dir or "")
+            saved = os.path.join(args.save_dir or "", f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")
             if args.plot and seed == args.seed and args.save_dir and os.path.exists(saved):
                 models[name] = cls.load(saved, device)  # for the figures only
             continue
+        cfg.log_every = max(cfg.iters // 10, 1) if not args.quiet else 0
+        path = lambda d: os.path.join(d, f"{args.task.replace(':', '_')}_seed{seed}_{name}.pt")  # noqa: E731
+        loading = args.load_dir or (args.resume and args.save_dir and os.path.exists(path(args.save_dir)))
+        chooses = selects(args, cfg) and not loading  # a saved model keeps the design it was trained with
         try:
-            cls, cfg = config(name)
-            chooses = selects(args, cfg) and not loading(name)
-            src = None
-            if loading(name):
-                src = path(name, args.load_dir or args.save_dir)
+            if chooses:
+                if selection is None:
+                    selection = choose_design(args, seed, cfg, train, device)
+                cfg = replace(cfg, **selection["fields"])
+            t0, src = time.perf_counter(), None
+            if loading:
+                src = path(args.load_dir or args.save_dir)
                 print(f"[bench] seed {seed}: loading {name} from {src}", file=sys.stderr, flush=True)
                 model = cls.load(src, device)
                 train_s = model.saved_meta.get("train_s", 0.0)  # the training time of the saved model
             else:
-                model, train_s = trained.pop(name) if name in trained else fit(name)
-                if isinstance(model, Exception):
-                    raise model
+                model = cls(cfg, torch.Generator().manual_seed(1000 * seed + 3)).to(device)
+                print(f"[bench] seed {seed}: training {name}", file=sys.stderr, flush=True)
+                model.fit(train, g(4))
+                train_s = time.perf_counter() - t0
                 if args.save_dir:
-                    model.save(path(name, args.save_dir), train_s=train_s)
-                    args.written.append(path(name, args.save_dir))
+                    model.save(path(args.save_dir), train_s=train_s)
+                    args.written.append(path(args.save_dir))
             print(f"[bench] seed {seed}: evaluating {name} ({train_s:.0f}s training)", file=sys.stderr, flush=True)
             scores, ms = evaluate(model, test, args.contexts, args.samples, g(5), args.chunk, name, not args.quiet)
             rows[name] = dict(status="ok", scores=summaries(scores, test, per_task.get("Bayes-optimal")),

@@ -528,8 +528,9 @@ def test_load_dir_accepts_a_chosen_design_and_refuses_another(tmp_path, capsys):
 
 
 def test_a_row_of_ours_has_the_same_numbers_alone_as_beside_the_others(quick_run, tmp_path):
-    """Ours' rows train side by side with one intra-op thread each: a row run alone (with its own
-    held-out choice) gives exactly the numbers it has in the full run."""
+    """A row of ours run alone (with its own held-out choice) gives exactly the numbers it has in the
+    full run: its generators are its own, and the held-out choice's candidates train on one intra-op
+    thread each whatever else runs."""
     _, result, _ = quick_run
     out = tmp_path / "r.json"
     assert bench.main(["--task", "sinusoid", "--quick", "--quiet", "--methods", "LDVI-K0", "--out", str(out)]) == 0
