@@ -1067,15 +1067,17 @@ def mse(mean, target: Batch) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # meta-training
 
-def meta_train(model: LDVIMeta, data: Batch, gen: torch.Generator, iters: int | None = None) -> list:
-    """Maximize the mean ELBO over random context subsets of the meta-training tasks."""
+def meta_train(model: LDVIMeta, data: Batch, gen: torch.Generator, iters: int | None = None,
+               name: str | None = None) -> list:
+    """Maximize the mean ELBO over random context subsets of the meta-training tasks. `name` heads
+    the progress lines (default: the kernel, K and r)."""
     cfg = model.cfg
     data = check_training_data(data, cfg.dx, cfg.dy, model.prior_mean, cfg.min_context)
     iters = cfg.iters if iters is None else iters
     model.skipped_updates = []  # iterations whose update train_loop skipped (non-finite gradient)
     return train_loop(model.parameters(),
                       lambda it: model.loss(task_minibatch(data, cfg.tasks_per_batch, gen), gen),
-                      iters, cfg.lr, cfg.clip, cfg.log_every, f"ldvi-{cfg.kernel}-K{cfg.K}-r{cfg.latent}",
+                      iters, cfg.lr, cfg.clip, cfg.log_every, name or f"ldvi-{cfg.kernel}-K{cfg.K}-r{cfg.latent}",
                       cfg.lr_final, model.skipped_updates)
 
 
@@ -1112,13 +1114,15 @@ def select_config(configs, data: Batch, gen: torch.Generator, holdout: float = 0
     seeds = torch.randint(2 ** 62, (3,), generator=gen, device=gen.device).tolist()  # init, training, evaluation
     dev = data.x.device
 
-    def score(cfg):
+    def score(i):
+        cfg = configs[i]
         model = LDVIMeta(cfg, torch.Generator().manual_seed(seeds[0])).to(dev)
-        model.fit(train, torch.Generator(device=dev).manual_seed(seeds[1]))
+        meta_train(model, train, torch.Generator(device=dev).manual_seed(seeds[1]),
+                   name=f"select_config {i + 1}/{len(configs)}")                # its progress lines say which
         g_eval = torch.Generator(device=dev).manual_seed(seeds[2])
         lp = [log_predictive(*model.predictive(first_n(held, n), held.x, S, g_eval), held) for n in contexts]  # [T_hold]
         return torch.stack(lp).mean().item()
-    scores = list(parallel_map(score, configs, workers or torch.get_num_threads(), dev))
+    scores = list(parallel_map(score, range(len(configs)), workers or torch.get_num_threads(), dev))
     return max(range(len(configs)), key=scores.__getitem__), scores
 
 

@@ -440,6 +440,14 @@ def test_select_config_scores_do_not_depend_on_the_number_of_workers():
     assert runs[0][1] == alone  # each config's score is its own: the same split and seeds for every config
 
 
+def test_select_config_progress_lines_say_which_config_they_belong_to(capsys):
+    data = sinusoid_batch(8, 8, gen(81))
+    configs = [dataclasses.replace(c, log_every=5, iters=10) for c in select_configs()]
+    lm.select_config(configs, data, gen(82), contexts=(1,), S=8, workers=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if " it 10/10 " in line]
+    assert sorted(line.split("]")[0] for line in lines) == ["[select_config 1/2", "[select_config 2/2"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(configs=[]), "configs: expected a non-empty list of LDVIConfig"),
     (dict(configs=[dict(K=0)]), "configs: expected a non-empty list of LDVIConfig"),
