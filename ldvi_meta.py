@@ -291,8 +291,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _affine(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """h @ W + b for a layer's inputs h [T, 1 or P, N, din], weights W [T, P, din, dout] and biases
     b [T, P, dout], in one pass where a fused op exists: addcmul for din = 1 (the outer product of
-    the first layer when dx = 1) and baddbmm for the particles' own inputs. Both 1.2-1.8x faster on a
-    CPU than a product followed by a separate bias pass; tested against h @ W + b."""
+    the first layer when dx = 1) and baddbmm for the particles' own inputs: in isolation 1.8x and
+    1.2x faster on a CPU than a product followed by a separate bias pass (a few % of a whole
+    predictive); tested against h @ W + b."""
     if h.shape[-1] == 1:
         return torch.addcmul(b.unsqueeze(-2), h, W)                               # [T, P, N, dout]
     if W.shape[-1] > 1 and h.shape[:-2] == W.shape[:-2]:
@@ -1454,7 +1455,8 @@ def train_loop(params, loss_fn: Callable[[int], torch.Tensor], iters: int, lr: f
 def parallel_map(fn: Callable, items, workers: int, device="cpu") -> Iterator:
     """fn(item) for every item, yielded in order. On a CPU the items run on `workers` threads with one
     intra-op thread each: the batched ops of one small model are small, and two such jobs use two
-    cores better than one job on two threads (1.4-1.5x, measured on evaluation and on training).
+    cores better than one job on two threads (1.4-1.5x, measured on evaluation and on K = 0
+    training; not on K = 5 training, whose memory-bound steps then contend for the caches).
     torch's thread count is 1 throughout whatever `workers` is, so the numbers do not depend on
     it; it is restored after. A failure (or an early exit of the caller) drops the jobs not yet
     started. On other devices the items run one after another."""
