@@ -1073,6 +1073,7 @@ def meta_train(model: LDVIMeta, data: Batch, gen: torch.Generator, iters: int | 
     """Maximize the mean ELBO over random context subsets of the meta-training tasks. `name` heads
     the progress lines (default: the kernel, K and r)."""
     cfg = model.cfg
+    _require(name is None or isinstance(name, str), "name", "None or a str", name)
     data = check_training_data(data, cfg.dx, cfg.dy, model.prior_mean, cfg.min_context)
     iters = cfg.iters if iters is None else iters
     model.skipped_updates = []  # iterations whose update train_loop skipped (non-finite gradient)
@@ -1460,6 +1461,8 @@ def parallel_map(fn: Callable, items, workers: int, device="cpu") -> Iterator:
     torch's thread count is 1 throughout whatever `workers` is, so the numbers do not depend on
     it; it is restored after. A failure (or an early exit of the caller) drops the jobs not yet
     started. On other devices the items run one after another."""
+    _require(callable(fn), "fn", "a callable", fn)
+    _require(_is_int(workers) and workers >= 1, "workers", "an integer >= 1", workers)
     items = list(items)
     if torch.device(device).type != "cpu":
         yield from map(fn, items)

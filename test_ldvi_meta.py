@@ -272,6 +272,26 @@ def test_parallel_map_keeps_order_restores_threads_and_reports_failures():
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(workers=0), "workers: expected an integer >= 1, got 0"),
+    (dict(workers=1.5), "workers: expected an integer >= 1, got 1.5"),
+    (dict(workers=True), "workers: expected an integer >= 1, got True"),
+    (dict(fn=None), "fn: expected a callable, got None"),
+])
+def test_parallel_map_bad_inputs(kwargs, message):
+    args, threads = {**dict(fn=abs, items=[1, -2], workers=2), **kwargs}, torch.get_num_threads()
+    with pytest.raises(ValueError, match=message):
+        list(lm.parallel_map(**args))
+    assert torch.get_num_threads() == threads  # refused before torch's thread count is touched
+
+
+def test_meta_train_name_must_be_a_string():
+    model = LDVIMeta(LDVIConfig(hidden=(4, 4), enc_hidden=8, enc_dim=4, K=0, latent=1, log_every=0), gen(5))
+    data = lm.make_batch(torch.randn(2, 4, 1), torch.randn(2, 4, 1))
+    with pytest.raises(ValueError, match="name: expected None or a str, got 3"):
+        lm.meta_train(model, data, gen(6), iters=1, name=3)
+
+
 @pytest.mark.parametrize("dx, dy", [(2, 3), (1, 1)])
 def test_analytic_bnn_gradient_matches_autograd(dx, dy):
     g = gen(3)
