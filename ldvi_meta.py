@@ -370,14 +370,15 @@ class LastLayerPrior(NamedTuple):
     log_mix: torch.Tensor   # log pi [M], normalized
 
 
-def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, noise_var):
+def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, noise_var, grad: bool = True):
     """The last layer integrated out exactly, given the hidden layers' outputs: y = Phi W + noise.
 
     Phi [T, P, N, H1] holds the last hidden layer's outputs and a 1 per point (zero on padded
     points). Per prior component, y[:, k] ~ N(Phi mean_j[:, k], A_j), A_j = Phi Sigma_j Phi^T +
     sigma_y^2 I (conjugacy [9, 10]); the mixture's evidence is a logsumexp over components.
     Returns (log p(C | hidden layers) [T, P], its gradient in Phi [T, P, N, H1], and the pieces
-    that last_layer_draw reuses). Computed in float64 (the N x N factors are small); gradient
+    that last_layer_draw reuses); grad=False returns None for the gradient and skips its products
+    (a last-layer draw or a value alone needs none of them: the same numbers otherwise). Computed in float64 (the N x N factors are small); gradient
     per component, with alpha = A^-1 r and G = Phi Sigma:  alpha (mean^T + alpha^T G) - dy A^-1 G
     (tested against autograd), weighted by the components' posterior responsibilities.
 
@@ -385,6 +386,7 @@ def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, no
     all components (points outermost in G, so that no [TP, M, N, H1] tensor is ever permuted),
     and A_j^-1 is formed once (N is small) instead of solving for H1 right-hand sides. The value
     is tested against a loop over tasks, particles and components, the gradient against autograd."""
+    _require(isinstance(grad, bool), "grad", "True or False", grad)
     T, P, N, H1 = Phi.shape
     M, dy = prior.mean.shape[0], prior.mean.shape[-1]
     Phi = Phi.double().reshape(T * P, N, H1)                                     # [TP, N, H1]
@@ -402,15 +404,18 @@ def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, no
     counts = mask.sum(-1, keepdim=True).double()                                 # [TP, 1]
     log_pj = prior.log_mix.double() + _log_evidence(L, res.transpose(1, 2), alpha, counts)  # [TP, M]
     resp = torch.softmax(log_pj, -1)                                             # [TP, M]
+    pieces = (Ainv.view(T, P, M, N, N), G.view(T, P, N, M, H1).transpose(2, 3), resp.view(T, P, M))
+    value = torch.logsumexp(log_pj, -1).view(T, P)                               # [T, P]
+    if not grad:
+        return value, None, pieces
     # the gradient, sum_j resp_j [alpha_j (mean_j^T + (Phi^T alpha_j)^T Sigma_j) - dy A_j^-1 G_j]
     u = Phi.transpose(-1, -2) @ alpha.transpose(1, 2).reshape(T * P, N, M * dy)  # Phi^T alpha_j  [TP, H1, M dy]
     uS = u.view(T * P, H1, M, dy).permute(2, 0, 3, 1).reshape(M, T * P * dy, H1) @ Sigma  # [M, TP dy, H1]
     C = mean.transpose(-1, -2) + uS.view(M, T * P, dy, H1).transpose(0, 1)     # [TP, M, dy, H1]
     ra = (resp[:, :, None, None] * alpha).permute(0, 2, 1, 3).reshape(T * P, N, M * dy)  # [TP, N, M dy]
     RA = (-dy * resp[:, :, None, None] * Ainv).permute(0, 2, 3, 1).reshape(T * P, N, N * M)  # [TP, N, N M]
-    grad = torch.baddbmm(ra @ C.reshape(T * P, M * dy, H1), RA, G)              # [TP, N, H1]
-    pieces = (Ainv.view(T, P, M, N, N), G.view(T, P, N, M, H1).transpose(2, 3), resp.view(T, P, M))
-    return torch.logsumexp(log_pj, -1).view(T, P), grad.view(T, P, N, H1), pieces
+    dPhi = torch.baddbmm(ra @ C.reshape(T * P, M * dy, H1), RA, G)              # [TP, N, H1]
+    return value, dPhi.view(T, P, N, H1), pieces
 
 
 def last_layer_draw(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, noise_var, pieces, gen: torch.Generator):
@@ -866,7 +871,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         if self.cfg.structure == "last":
             pre = self.feature_bnn(self.hidden_weights(v), ctx.x)                # [T, P, N, H]
             return last_layer_evidence(self._design(pre, ctx.mask), ctx, self.last_prior(),
-                                       self.sigma_y ** 2)[0].to(v.dtype)
+                                       self.sigma_y ** 2, grad=False)[0].to(v.dtype)
         return gaussian_loglik(self.bnn(self.theta(v), ctx.x), ctx.y, ctx.mask, self.sigma_y)
 
     def weights(self, v: torch.Tensor, ctx: Batch, gen: torch.Generator) -> torch.Tensor:
@@ -878,7 +883,7 @@ class LDVIMeta(SaveLoad, nn.Module):
         pre = self.feature_bnn(v, ctx.x)                                         # [T, P, N, H]
         Phi = self._design(pre, ctx.mask)                                        # [T, P, N, H + 1]
         prior, noise_var = self.last_prior(), self.sigma_y ** 2
-        pieces = last_layer_evidence(Phi, ctx, prior, noise_var)[2]
+        pieces = last_layer_evidence(Phi, ctx, prior, noise_var, grad=False)[2]
         W = last_layer_draw(Phi, ctx, prior, noise_var, pieces, gen).to(v.dtype)  # [T, P, H + 1, dy]
         H = self.cfg.hidden[-1]
         return torch.cat([v, W[..., :H, :].flatten(-2), W[..., H, :]], -1)      # [T, P, D]

@@ -82,6 +82,21 @@ def test_last_layer_evidence_equals_the_multivariate_normal(M, r, dy):
     X = Phi.clone().requires_grad_(True)
     ref, = torch.autograd.grad(lm.last_layer_evidence(X, ctx, prior, 0.09)[0].sum(), X)
     assert torch.allclose(grad, ref, atol=1e-9)
+    # grad=False (a draw or a value alone): no gradient, and bit for bit the same value and pieces
+    ll_only, none, pieces_only = lm.last_layer_evidence(Phi, ctx, prior, 0.09, grad=False)
+    pieces = lm.last_layer_evidence(Phi, ctx, prior, 0.09)[2]
+    assert none is None and torch.equal(ll_only, ll)
+    assert all(torch.equal(a, b) for a, b in zip(pieces_only, pieces))
+
+
+@pytest.mark.parametrize("bad", [1, 0, None, "no"])
+def test_last_layer_evidence_refuses_a_grad_flag_that_is_not_a_bool(bad):
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    ctx = lm.Batch(torch.zeros(1, 2, 1, dtype=F64), torch.zeros(1, 2, 1, dtype=F64), mask)
+    prior = lm.LastLayerPrior(torch.zeros(1, 3, 1, dtype=F64), torch.zeros(1, 3, 0, dtype=F64),
+                              torch.zeros(1, 3, dtype=F64), torch.zeros(1, dtype=F64))
+    with pytest.raises(ValueError, match="grad"):
+        lm.last_layer_evidence(design(gen(9), 1, 1, 2, 3, mask), ctx, prior, 0.09, grad=bad)
 
 
 def test_the_collapsed_target_matches_autograd_and_ignores_padding():
