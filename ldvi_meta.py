@@ -1079,6 +1079,7 @@ def meta_train(model: LDVIMeta, data: Batch, gen: torch.Generator, iters: int | 
     the progress lines (default: the kernel, K and r)."""
     cfg = model.cfg
     _require(name is None or isinstance(name, str), "name", "None or a str", name)
+    _require(iters is None or (_is_int(iters) and iters >= 0), "iters", "None (the config's) or an integer >= 0", iters)
     data = check_training_data(data, cfg.dx, cfg.dy, model.prior_mean, cfg.min_context)
     iters = cfg.iters if iters is None else iters
     model.skipped_updates = []  # iterations whose update train_loop skipped (non-finite gradient)
@@ -1426,6 +1427,7 @@ def train_loop(params, loss_fn: Callable[[int], torch.Tensor], iters: int, lr: f
     times. Raises FloatingPointError naming the method and the iteration when the loss turns
     NaN/inf, or when more gradients than that do; prints a one-line progress report on
     stderr every log_every iterations."""
+    _require(_is_int(iters) and iters >= 0, "iters", "an integer >= 0", iters)
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     history, t0, skipped, allowed = [], time.perf_counter(), [] if skipped is None else skipped, max(10, iters // 100)
@@ -1468,6 +1470,7 @@ def parallel_map(fn: Callable, items, workers: int, device="cpu") -> Iterator:
     started. On other devices the items run one after another."""
     _require(callable(fn), "fn", "a callable", fn)
     _require(_is_int(workers) and workers >= 1, "workers", "an integer >= 1", workers)
+    _require(isinstance(items, Iterable), "items", "an iterable of the jobs' arguments", items)
     items = list(items)
     if torch.device(device).type != "cpu":
         yield from map(fn, items)

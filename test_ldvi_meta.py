@@ -277,6 +277,8 @@ def test_parallel_map_keeps_order_restores_threads_and_reports_failures():
     (dict(workers=1.5), "workers: expected an integer >= 1, got 1.5"),
     (dict(workers=True), "workers: expected an integer >= 1, got True"),
     (dict(fn=None), "fn: expected a callable, got None"),
+    (dict(items=None), "items: expected an iterable of the jobs' arguments, got None"),
+    (dict(items=3), "items: expected an iterable of the jobs' arguments, got 3"),
 ])
 def test_parallel_map_bad_inputs(kwargs, message):
     args, threads = {**dict(fn=abs, items=[1, -2], workers=2), **kwargs}, torch.get_num_threads()
@@ -290,6 +292,16 @@ def test_meta_train_name_must_be_a_string():
     data = lm.make_batch(torch.randn(2, 4, 1), torch.randn(2, 4, 1))
     with pytest.raises(ValueError, match="name: expected None or a str, got 3"):
         lm.meta_train(model, data, gen(6), iters=1, name=3)
+
+
+@pytest.mark.parametrize("iters", [-1, 1.5, True, "10"])
+def test_meta_train_and_train_loop_refuse_a_bad_iteration_count(iters):
+    model = LDVIMeta(LDVIConfig(hidden=(4, 4), enc_hidden=8, enc_dim=4, K=0, latent=1, log_every=0), gen(5))
+    data = lm.make_batch(torch.randn(2, 4, 1), torch.randn(2, 4, 1))
+    with pytest.raises(ValueError, match=r"iters: expected None \(the config's\) or an integer >= 0"):
+        lm.meta_train(model, data, gen(6), iters=iters)
+    with pytest.raises(ValueError, match="iters: expected an integer >= 0"):
+        lm.train_loop(model.parameters(), lambda it: model.loss(data, gen(7)), iters, 1e-3, 10.0)
 
 
 @pytest.mark.parametrize("dx, dy", [(2, 3), (1, 1)])
