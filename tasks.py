@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ldvi_meta import Batch, check_generator, make_batch
+from ldvi_meta import Batch, check_batch, check_generator, make_batch
 
 AMP, PHASE, SLOPE = (0.1, 5.0), (0.0, math.pi), 3.0   # sinusoid amplitude / phase ranges, line a, b ~ U[-3, 3]
 FREQ = (0.5, 2.0)                                     # freqsine's frequency range
@@ -61,6 +61,7 @@ MIN_ESS = 30.0  # fewer effective importance draws than this: the exact rows wou
 
 def sinusoid(T: int, gen: torch.Generator):
     """y = A sin(x + phi), A ~ U[0.1, 5], phi ~ U[0, pi]."""
+    _require_count(T, "T"), check_generator(gen)
     amp = AMP[0] + (AMP[1] - AMP[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
     phase = PHASE[0] + (PHASE[1] - PHASE[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
     return lambda x: amp * torch.sin(x + phase)
@@ -68,6 +69,7 @@ def sinusoid(T: int, gen: torch.Generator):
 
 def linesine(T: int, gen: torch.Generator):
     """With probability 1/2 the sinusoid, else y = a x + b with a, b ~ U[-3, 3]."""
+    _require_count(T, "T"), check_generator(gen)
     sine = sinusoid(T, gen)
     is_line = torch.rand(T, 1, 1, generator=gen, device=gen.device) < 0.5
     a, b = (2 * SLOPE * torch.rand(2, T, 1, 1, generator=gen, device=gen.device) - SLOPE).unbind(0)
@@ -76,6 +78,7 @@ def linesine(T: int, gen: torch.Generator):
 
 def freqsine(T: int, gen: torch.Generator):
     """y = A sin(w x + phi), A ~ U[0.1, 5], w ~ U[0.5, 2], phi ~ U[0, pi]: the features change per task."""
+    _require_count(T, "T"), check_generator(gen)
     amp = AMP[0] + (AMP[1] - AMP[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
     freq = FREQ[0] + (FREQ[1] - FREQ[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
     phase = PHASE[0] + (PHASE[1] - PHASE[0]) * torch.rand(T, 1, 1, generator=gen, device=gen.device)
@@ -91,7 +94,7 @@ def make_tasks(family, T: int, N: int, noise: float, gen: torch.Generator):
     Raises ValueError, naming the family, unless it is callable and its f returns a finite
     [T, N, 1] tensor of the inputs' dtype."""
     name = getattr(family, "__name__", repr(family))
-    check_generator(gen)
+    _require_count(T, "T"), _require_count(N, "N"), check_generator(gen)
     if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and math.isfinite(noise) and noise > 0):
         raise ValueError(f"noise: expected a finite number > 0, got {noise!r}")
     if not callable(family):
@@ -192,7 +195,7 @@ def sine_at(omega: torch.Tensor) -> Linear2:
 def freq_grid(size: int | None = None) -> torch.Tensor:
     """The midpoints of `size` (default FREQ_GRID) equal cells of [0.5, 2] (float64): the midpoint rule
     for the w-integral."""
-    size = FREQ_GRID if size is None else size
+    size = FREQ_GRID if size is None else _require_count(size, "size")
     return FREQ[0] + (FREQ[1] - FREQ[0]) * (torch.arange(size, dtype=torch.float64) + 0.5) / size
 
 
@@ -266,6 +269,8 @@ def log_evidence(x, y, mask, noise: float, family: str, gen: torch.Generator, dr
     """log p(y_C) per task [T] under the true task distribution `family` (float64)."""
     _require_family(family)
     _require_noise(noise)
+    x, y, mask = _require_context(x, y, mask)
+    draws, gen = _require_count(draws, "draws"), check_generator(gen)
     if family == "freqsine":
         return _freq_log_evidence(x, y, mask, noise, gen, draws, freq_grid())
     parts = [math.log(weight) + torch.logsumexp(log_w, -1) - math.log(draws)
@@ -279,6 +284,9 @@ def posterior(x, y, mask, x_target, noise: float, family: str, S: int, gen: torc
     exact-posterior draws by sampling-importance-resampling). float64."""
     _require_family(family)
     _require_noise(noise)
+    x, y, mask = _require_context(x, y, mask)
+    _require_inputs(x_target, x.shape[0], "x_target")
+    S, draws, gen = _require_count(S, "S"), _require_count(draws, "draws"), check_generator(gen)
     if family == "freqsine":
         return _freq_posterior(x, y, mask, x_target, noise, S, gen, draws, freq_grid())
     pooled = _pooled(x, y, mask, noise, family, gen, draws)
@@ -317,6 +325,11 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
     0.7 nats per task at noise 0.25 but by 15 at noise 0.1 with n = 16."""
     _require_family(family)
     _require_noise(noise)
+    test = _require_context(*check_batch(test, "test"), name="test")
+    S, chunk, draws, gen = (_require_count(S, "S"), _require_count(chunk, "chunk"), _require_count(draws, "draws"),
+                            check_generator(gen))
+    if not isinstance(contexts, (list, tuple)) or not contexts or not all(_is_int(n) for n in contexts):
+        raise ValueError(f"contexts: expected a non-empty list of context sizes, got {contexts!r}")
     if any(n < 0 or n > int(test.counts.min()) for n in contexts):
         raise ValueError(f"contexts: expected sizes in [0, {int(test.counts.min())}] (the fewest points of a test "
                          f"task), got {list(contexts)}")
@@ -340,6 +353,35 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
             if cover:
                 out[n]["draws_cover"].append(cover(f.unsqueeze(-1), noise, Batch(x, y, mask)))
     return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in out.items()}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _require_count(v, name: str) -> int:
+    """v if it is an integer >= 1, else ValueError naming it."""
+    if not (_is_int(v) and v >= 1):
+        raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def _require_inputs(x, T: int, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != T or x.shape[-1] != 1:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a tensor of shape [T, M, 1] = [{T}, M, 1] (the families have one input), "
+                         f"got {got}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: NaN or inf in the inputs")
+
+
+def _require_context(x, y, mask, name: str = "context") -> Batch:
+    """make_batch's checks (shapes, a bool mask, finite real points) and one input and one output."""
+    batch = make_batch(x, y, mask, name=name)
+    if batch.x.shape[-1] != 1 or batch.y.shape[-1] != 1:
+        raise ValueError(f"{name}: expected x and y of shape [T, N, 1] (the families have one input and one output), "
+                         f"got {tuple(batch.x.shape)} and {tuple(batch.y.shape)}")
+    return batch
 
 
 def _require_family(family: str) -> None:

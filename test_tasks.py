@@ -185,3 +185,48 @@ def test_freqsine_draws_and_posterior():
     _, mean, draws = tasks.posterior(test.x, test.y, test.mask, test.x, 0.25, "freqsine", 256, gen(8), draws=1 << 13)
     assert ((mean - clean.squeeze(-1).double()) ** 2).mean(-1).max() < 0.01
     assert ((draws - clean.squeeze(-1).double().unsqueeze(1)) ** 2).mean((-1, -2)).max() < 0.02
+
+
+def _small(family="freqsine"):
+    test, _, _ = tasks.make_tasks(tasks.TASKS[family], 2, 6, 0.25, gen(11))
+    return test
+
+
+BAD_TASK_CALLS = [
+    (lambda t: tasks.freqsine(0, gen()), "T: expected an integer >= 1, got 0"),
+    (lambda t: tasks.sinusoid(2.5, gen()), "T: expected an integer >= 1, got 2.5"),
+    (lambda t: tasks.linesine(-1, gen()), "T: expected an integer >= 1, got -1"),
+    (lambda t: tasks.freqsine(2, None), "gen: expected a torch.Generator"),
+    (lambda t: tasks.make_tasks(tasks.freqsine, 2, 0, 0.25, gen()), "N: expected an integer >= 1, got 0"),
+    (lambda t: tasks.make_tasks(tasks.freqsine, True, 4, 0.25, gen()), "T: expected an integer >= 1, got True"),
+    (lambda t: tasks.log_evidence(t.x, t.y, t.mask, 0.25, "freqsine", gen(), draws=0),
+     "draws: expected an integer >= 1, got 0"),
+    (lambda t: tasks.log_evidence(t.x, t.y * float("nan"), t.mask, 0.25, "freqsine", gen()),
+     r"context.y: NaN or inf in real \(unmasked\) points"),
+    (lambda t: tasks.log_evidence(t.x[..., 0], t.y, t.mask, 0.25, "sinusoid", gen()),
+     r"context.x: expected a tensor of shape \[T, N, dx\], got \(2, 6\)"),
+    (lambda t: tasks.log_evidence(t.x.expand(-1, -1, 2), t.y, t.mask, 0.25, "sinusoid", gen()),
+     r"context: expected x and y of shape \[T, N, 1\]"),
+    (lambda t: tasks.log_evidence(t.x, t.y, t.mask.double(), 0.25, "linesine", gen()), "context.mask: expected a bool"),
+    (lambda t: tasks.posterior(t.x, t.y, t.mask, t.x, 0.25, "freqsine", 0, gen()), "S: expected an integer >= 1, got 0"),
+    (lambda t: tasks.posterior(t.x, t.y, t.mask, t.x[:1], 0.25, "sinusoid", 4, gen()),
+     r"x_target: expected a tensor of shape \[T, M, 1\] = \[2, M, 1\].*got \(1, 6, 1\)"),
+    (lambda t: tasks.posterior(t.x, t.y, t.mask, t.x * float("inf"), 0.25, "sinusoid", 4, gen()),
+     "x_target: NaN or inf in the inputs"),
+    (lambda t: tasks.bayes_optimal(t, [], 0.25, "freqsine", 8, gen()), "contexts: expected a non-empty list"),
+    (lambda t: tasks.bayes_optimal(t, 2, 0.25, "freqsine", 8, gen()), "contexts: expected a non-empty list"),
+    (lambda t: tasks.bayes_optimal(t, [1.5], 0.25, "freqsine", 8, gen()), "contexts: expected a non-empty list"),
+    (lambda t: tasks.bayes_optimal(t, [1], 0.25, "freqsine", 8, gen(), chunk=0), "chunk: expected an integer >= 1"),
+    (lambda t: tasks.bayes_optimal(t.x, [1], 0.25, "freqsine", 8, gen()), r"test: expected a Batch\(x, y, mask\)"),
+    (lambda t: tasks.bayes_optimal(t, [1], 0.25, "freqsine", 0, gen()), "S: expected an integer >= 1, got 0"),
+    (lambda t: tasks.freq_grid(0), "size: expected an integer >= 1, got 0"),
+    (lambda t: tasks.freq_grid(2.5), "size: expected an integer >= 1, got 2.5"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_TASK_CALLS)
+def test_bad_inputs_to_the_families_and_the_exact_rows_name_the_argument(call, message):
+    """Each refused before any integration, with the argument's name (these were silent or deep errors:
+    T = 0 tasks, draws = 0, x without its last dimension all returned numbers)."""
+    with pytest.raises(ValueError, match=message):
+        call(_small())
