@@ -780,13 +780,17 @@ def test_split_rhat_flags_chains_that_disagree():
 
 
 def test_blocked_prediction_equals_one_sampler_call_per_block(monkeypatch):
-    """predictive draws its S particles in blocks of SAMPLE_BLOCK; the obvious reference is one
-    sample() call per block with the same generator, then the network on the targets."""
+    """predictive draws its S particles in blocks of PREDICT_BLOCK // T per task; the obvious reference
+    is one sample() call per block with the same generator, then the network on the targets."""
     model = perturbed(small_model(gen(0), latent=3))
     data = sinusoid_batch(2, 6, gen(1))
     ctx = lm.first_n(data, 4)
-    monkeypatch.setattr(lm, "SAMPLE_BLOCK", 3)
+    monkeypatch.setattr(lm, "PREDICT_BLOCK", 7)                                 # 2 tasks: blocks of 3
     mean, _ = model.predictive(ctx, data.x, 7, gen(2))
     g = gen(2)
     ref = torch.cat([model.bnn(model.sample(ctx, P, g)[0], data.x) for P in (3, 3, 1)], 1).detach()
     assert mean.shape == (2, 7, 6, 1) and torch.equal(mean, ref)
+    monkeypatch.setattr(lm, "PREDICT_BLOCK", 1)                                 # fewer than T: one particle a block
+    mean, _ = model.predictive(ctx, data.x, 3, gen(2))
+    g = gen(2)
+    assert torch.equal(mean, torch.cat([model.bnn(model.sample(ctx, 1, g)[0], data.x) for _ in range(3)], 1).detach())
