@@ -344,7 +344,7 @@ class NeuralProcess(SaveLoad, nn.Module):
         with torch.no_grad():
             mu, log_std = self.posterior(ctx)
             z = self._sample_z(mu, log_std, S, gen)                             # [T, S, z_dim]
-            # decoded in blocks of particles, like ours: [T, block, M, hidden] stays in cache
+            # decoded in blocks of SAMPLE_BLOCK particles: [T, block, M, hidden] stays in cache
             mean, std = (torch.cat(parts, 1) for parts in zip(*(self.decode(z[:, s:s + SAMPLE_BLOCK], x_target)
                                                                  for s in range(0, S, SAMPLE_BLOCK))))
             return finite(mean, "NP predictive"), finite(std, "NP predictive std")

@@ -3,7 +3,7 @@ The benchmark table: amortized LDVI against MAML, BMAML, the Neural Process and 
 meta-learned Gaussian models (ALPaCA, a deep-kernel GP), measured against the Bayes-optimal
 predictive and, optionally, an HMC gold standard.
 
-    python bench.py --task sinusoid            # the default run (about 21 min on 2 CPU cores)
+    python bench.py --task sinusoid            # the default run (about 20 min on 2 CPU cores)
     python bench.py --task linesine --plot results/linesine.png
     python bench.py --methods LDVI-overdamped,NP --gold 16
     python bench.py --task sinusoid --quick    # smoke run, under a minute; never writes into results/
