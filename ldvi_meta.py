@@ -378,8 +378,8 @@ def last_layer_evidence(Phi: torch.Tensor, ctx: Batch, prior: LastLayerPrior, no
     sigma_y^2 I (conjugacy [9, 10]); the mixture's evidence is a logsumexp over components.
     Returns (log p(C | hidden layers) [T, P], its gradient in Phi [T, P, N, H1], and the pieces
     that last_layer_draw reuses); grad=False returns None for the gradient and skips its products
-    (a last-layer draw or a value alone needs none of them: the same numbers otherwise). Computed in float64 (the N x N factors are small); gradient
-    per component, with alpha = A^-1 r and G = Phi Sigma:  alpha (mean^T + alpha^T G) - dy A^-1 G
+    (a last-layer draw or a value alone needs none of them: the same numbers otherwise).
+    Computed in float64 (the N x N factors are small); gradient per component, with alpha = A^-1 r and G = Phi Sigma:  alpha (mean^T + alpha^T G) - dy A^-1 G
     (tested against autograd), weighted by the components' posterior responsibilities.
 
     Written for speed: the particles are one batch TP = T * P, every product is one GEMM over

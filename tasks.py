@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ldvi_meta import Batch, check_batch, check_generator, make_batch
+from ldvi_meta import Batch, _is_int, _require, check_batch, check_generator, make_batch
 
 AMP, PHASE, SLOPE = (0.1, 5.0), (0.0, math.pi), 3.0   # sinusoid amplitude / phase ranges, line a, b ~ U[-3, 3]
 FREQ = (0.5, 2.0)                                     # freqsine's frequency range
@@ -69,7 +69,6 @@ def sinusoid(T: int, gen: torch.Generator):
 
 def linesine(T: int, gen: torch.Generator):
     """With probability 1/2 the sinusoid, else y = a x + b with a, b ~ U[-3, 3]."""
-    _require_count(T, "T"), check_generator(gen)
     sine = sinusoid(T, gen)
     is_line = torch.rand(T, 1, 1, generator=gen, device=gen.device) < 0.5
     a, b = (2 * SLOPE * torch.rand(2, T, 1, 1, generator=gen, device=gen.device) - SLOPE).unbind(0)
@@ -355,14 +354,9 @@ def bayes_optimal(test, contexts, noise: float, family: str, S: int, gen: torch.
     return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in out.items()}
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _require_count(v, name: str) -> int:
     """v if it is an integer >= 1, else ValueError naming it."""
-    if not (_is_int(v) and v >= 1):
-        raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+    _require(_is_int(v) and v >= 1, name, "an integer >= 1", v)
     return int(v)
 
 
